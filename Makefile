@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# TORCH is what pip installs for PyTorch before scalelab: the CPU 2.13.0 build by default. GPU users install
+# their own torch into .venv first (or pass e.g. TORCH="torch==2.5.1"); an importable torch is kept as it is.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/scalelab train --recipe recipes/tiny.toml --out runs/demo/tiny --resume
+	$(VENV)/bin/scalelab sample --run runs/demo/tiny --prompt "def parse_args(" --max-tokens 120 --seed 0
+	$(VENV)/bin/scalelab reproduce dyt --quick --out runs/demo/reproduce
+	@echo "demo done: runs/demo/tiny/report.md and the report card runs/demo/reproduce/report.md"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

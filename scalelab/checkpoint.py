@@ -1,0 +1,141 @@
+"""Checkpoints: safetensors for tensors, JSON for the rest, written atomically, the last N kept.
+
+A checkpoint is a directory `checkpoints/step_NNNNNNN/` holding `model.safetensors`, `optim.safetensors`
+(AdamW moments and step counts) and `state.json` (step, config, data position, RNG states, optimizer
+hyper-parameters). It is written under a temporary name, fsynced and renamed into place, so a process killed
+at any instant leaves either the previous checkpoints or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from scalelab.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, str]:
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def set_rng_state(s: dict[str, str]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(s["torch"])), dtype=torch.uint8))
+
+
+def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+         state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=ckpt_root))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        meta = dict(state, step=step)
+        if optimizer is not None:
+            osd = optimizer.state_dict()
+            tensors = {f"{i}.{k}": v.detach().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
+            save_file(tensors, str(tmp / "optim.safetensors"))
+            meta["optim_param_groups"] = osd["param_groups"]
+        (tmp / "state.json").write_text(json.dumps(meta))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step after a resume: swap the old one out first
+            old = ckpt_root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: state.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path} is corrupt: state.json is not valid JSON") from None
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    f = path / "model.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: model.safetensors is missing")
+    try:
+        missing, unexpected = load_model(model, str(f), strict=False)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {f} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {f} does not fit this model: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {f} does not fit this model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore weights (and optimizer state) from a checkpoint directory; return its state.json."""
+    state = read_state(path)
+    load_weights(path, model)
+    if optimizer is not None:
+        f = path / "optim.safetensors"
+        try:
+            tensors = load_file(str(f))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path} is incomplete: optim.safetensors is missing") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {f} is corrupt or truncated ({str(e).splitlines()[0]})") from None
+        osd: dict[str, Any] = {"state": {}, "param_groups": state["optim_param_groups"]}
+        for key, value in tensors.items():
+            i, name = key.split(".", 1)
+            osd["state"].setdefault(int(i), {})[name] = value
+        try:
+            optimizer.load_state_dict(osd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"optimizer state in {path} does not fit this model: {e}") from None
+    return state

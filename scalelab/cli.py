@@ -1,0 +1,139 @@
+"""The `scalelab` command: one subcommand per stage of the lab.
+
+Errors a user can cause (a `ScalelabError`, or a bad flag) end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from scalelab.errors import ScalelabError
+from scalelab.horizon import horizon_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="scalelab: a hackable lab for how language models scale.")
+app.command("horizon", help="METR-style time horizons from a runs file: fits, bootstrap CIs, doubling time, report.")(
+    horizon_command)
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_time=False, show_path=False, markup=False, console=_stderr())
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[handler],
+                        force=True)
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.command()
+def train(
+    recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe, e.g. recipes/tiny.toml")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=1e-3")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<recipe name>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a model from a recipe into a run directory."""
+    from scalelab import config, report, train as trainmod
+
+    _setup_logging()
+    cfg = config.load(recipe, set_)
+    run_dir = out or Path("runs") / cfg.name
+    summary = trainmod.train(cfg, run_dir, resume=resume, progress=not quiet)
+    path = report.run_report(run_dir)
+    typer.echo(f"val loss {summary['val_loss']:.4f} nats/token, {summary['val_bpb']:.4f} bits/byte; report: {path}")
+
+
+@app.command()
+def sample(
+    run: Annotated[Path, typer.Option(help="run directory")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per sample")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass; 1 = off")] = 0.95,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Sample continuations of a prompt from a trained run."""
+    import torch
+
+    from scalelab import tokenizer as tokmod, train as trainmod
+
+    if n < 1 or max_tokens < 1:
+        raise ScalelabError("-n and --max-tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ScalelabError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    from scalelab.model import generate
+
+    cfg, model = trainmod.load_run(run)
+    tok = tokmod.load(run / "tokenizer.json")
+    eot = tokmod.eot_id(tok)
+    ids = tok.encode(prompt).ids or [eot]  # an empty prompt starts a new document
+    x = torch.tensor([ids] * n)
+    out = generate(model, x, max_tokens, temperature, top_k, top_p, seed=seed, stop_id=eot)
+    for i in range(n):
+        new = [t for t in out[i, len(ids):].tolist()]
+        if eot in new:
+            new = new[:new.index(eot)]
+        if n > 1:
+            typer.echo(f"--- sample {i + 1} ---")
+        typer.echo(prompt + tok.decode(new))
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Option(help="run directory")]) -> None:
+    """Write report.md and loss plots for a run directory."""
+    from scalelab import report as reportmod
+
+    typer.echo(str(reportmod.run_report(run)))
+
+
+@app.command()
+def reproduce(
+    papers: Annotated[Optional[list[str]], typer.Argument(help="which papers (default: all): dyt")] = None,
+    quick: Annotated[bool, typer.Option(help="smaller runs, for a demo or CI")] = False,
+    out: Annotated[Path, typer.Option(help="where the runs and the report card go")] = Path("runs/reproduce"),
+) -> None:
+    """Run each paper's small experiment, compare with its claim, and write one report card."""
+    from scalelab import reproduce as repro
+
+    _setup_logging()
+    path = repro.reproduce(papers or list(repro.PAPERS), out, quick=quick)
+    typer.echo(f"report card: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="scalelab", standalone_mode=False)
+    except ScalelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as e:
+        print(e.format_message(), file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code if e.exit_code else 2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

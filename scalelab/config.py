@@ -1,0 +1,234 @@
+"""Configs: dataclasses, TOML recipes, and `--set section.key=value` overrides.
+
+A run's config is three small dataclasses (model, data, train) plus a name. Recipes are TOML files with the
+same sections; unknown sections or keys are errors, so a typo never silently falls back to a default. The
+resolved config is written into the run directory as `config.toml`, and everything else reads it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scalelab.errors import ConfigError
+
+NORMS = ("layernorm", "rmsnorm", "dyt")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096  # set from the tokenizer when a run starts
+    context: int = 256  # tokens per training sequence (the model's maximum length)
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # grouped-query attention: n_head must be a multiple of it
+    ffn_hidden: int = 0  # 0 = LLaMA's 8/3·d_model rounded up to a multiple of 64
+    norm: str = "rmsnorm"  # layernorm | rmsnorm | dyt
+    norm_eps: float = 1e-5
+    dyt_alpha_attn: float = 0.0  # 0 = from the DyT paper's width table (see model.dyt_alpha_init)
+    dyt_alpha_other: float = 0.0
+    dyt_embed_scale: bool = True  # DyT-LLaMA: a learnable scalar (init √d) after the embedding
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # stdlib | path to a text file or directory | hf:<dataset name>[:<split>]
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    max_bytes: int = 0  # 0 = the whole corpus; else keep documents (in hash order) up to this many bytes
+    cache_dir: str = ""  # "" = $SCALELAB_CACHE or ~/.cache/scalelab
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 50
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    compile: bool = False  # torch.compile the model (faster steps on CPU after a one-off compile)
+    threads: int = 0  # 0 = torch's default
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    name = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(f)
+    if isinstance(default, float):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+        return f
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported type")  # pragma: no cover
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections and keys."""
+    cfg = Config()
+    for section, values in d.items():
+        if section == "name":
+            if not isinstance(values, str) or not values:
+                raise ConfigError("name must be a non-empty string")
+            cfg.name = values
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} (known: name, {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a table")
+        obj = getattr(cfg, section)
+        known = {f.name for f in dataclasses.fields(obj)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
+            setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
+    validate(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) == 1 and parts[0] == "name":
+        return parts, raw
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set key must look like section.key, got {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return parts, value
+
+
+def load(recipe: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML recipe (or the defaults when None) and apply `section.key=value` overrides."""
+    d: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            d = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
+        d.setdefault("name", path.stem)
+    for item in overrides or []:
+        parts, value = _parse_override(item)
+        if parts == ["name"]:
+            d["name"] = value
+        else:
+            sec = d.setdefault(parts[0], {})
+            if not isinstance(sec, dict):
+                raise ConfigError(f"config section {parts[0]!r} must be a table")
+            sec[parts[1]] = value
+    return from_dict(d)
+
+
+def validate(cfg: Config) -> None:
+    m, dcfg, t = cfg.model, cfg.data, cfg.train
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for name, value in [("model.context", m.context), ("model.d_model", m.d_model), ("model.n_layer", m.n_layer),
+                        ("model.n_head", m.n_head), ("model.n_kv_head", m.n_kv_head),
+                        ("data.vocab_size", dcfg.vocab_size), ("train.batch_size", t.batch_size),
+                        ("train.grad_accum", t.grad_accum), ("train.max_steps", t.max_steps),
+                        ("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),
+                        ("train.ckpt_every", t.ckpt_every), ("train.keep_last", t.keep_last),
+                        ("train.log_every", t.log_every)]:
+        need(value >= 1, f"{name} must be >= 1, got {value}")
+    need(m.d_model % m.n_head == 0, f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model})")
+    need(m.n_head % m.n_kv_head == 0, f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
+    need((m.d_model // m.n_head) % 2 == 0, f"head size d_model/n_head = {m.d_model // m.n_head} must be even for RoPE")
+    need(m.norm in NORMS, f"model.norm must be one of {', '.join(NORMS)}, got {m.norm!r}")
+    need(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {m.ffn_hidden}")
+    need(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+    need(m.dyt_alpha_attn >= 0 and m.dyt_alpha_other >= 0, "model.dyt_alpha_* must be >= 0 (0 = from the table)")
+    need(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
+    need(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
+    need(2 <= dcfg.vocab_size <= 65535, f"data.vocab_size must be in [2, 65535] (tokens are uint16), got {dcfg.vocab_size}")
+    need(257 <= dcfg.vocab_size, f"data.vocab_size must be >= 257 (byte-level BPE has 256 base tokens + end-of-text), got {dcfg.vocab_size}")
+    need(0 < dcfg.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {dcfg.val_fraction}")
+    need(dcfg.max_bytes >= 0, f"data.max_bytes must be >= 0, got {dcfg.max_bytes}")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    need(0 <= t.warmup_steps <= t.max_steps, f"train.warmup_steps must be in [0, max_steps], got {t.warmup_steps}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a Config as TOML (flat tables of scalars, so a few lines of code suffice)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = [f"name = {fmt(cfg.name)}"]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        for k, v in dataclasses.asdict(getattr(cfg, section)).items():
+            lines.append(f"{k} = {fmt(v)}")
+    return "\n".join(lines) + "\n"

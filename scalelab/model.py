@@ -1,0 +1,286 @@
+"""The lab's one Transformer. Autoregressive LMs, BD3-LM and pretrained SmolLM2 all run on it.
+
+Notable choices:
+- LLaMA-style decoder: pre-norm blocks, rotary position embeddings (HF "rotate-half" layout, applied in fp32),
+  grouped-query attention, SwiGLU MLP, no biases anywhere, optional tied input/output embeddings.
+- Attention is `scaled_dot_product_attention` with `enable_gqa` (no copies of KV heads). It is causal by
+  default, or takes any boolean mask (True = may attend), so block diffusion can pass its own 2L mask;
+  explicit `positions` let two halves of a sequence share rotary positions.
+- Norm ∈ {layernorm, rmsnorm, dyt}. DyT ("Transformers without Normalization", Zhu et al. 2025) is
+  γ·tanh(α·x) + β with one learnable scalar α per layer; it replaces every norm, the final one included.
+  As in the paper's LLaMA code, α starts larger in attention norms than in the others, shrinking with
+  width (Table 12), and a learnable scalar initialised to √d multiplies the embedding output.
+- A preallocated KV cache serves generation: prefill a prompt once, then decode one token at a time.
+- Initialisation: N(0, init_std) everywhere, residual output projections scaled by 1/√(2·n_layer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scalelab.config import ModelConfig
+
+# DyT paper, Table 12 (LLaMA width sweep; depth made no difference): width -> (α0 attention, α0 other).
+DYT_ALPHA_TABLE = {1024: (1.0, 1.0), 2048: (1.0, 0.5), 4096: (0.8, 0.2), 8192: (0.2, 0.05)}
+
+
+def dyt_alpha_init(width: int) -> tuple[float, float]:
+    """α0 for (attention, other) DyT layers at a model width.
+
+    Piecewise-linear in log2(width) between the paper's table points and held constant outside them. The
+    interpolation reproduces the paper's LLaMA-13B entry (width 5120: 0.6 / 0.15, Table 11) to within 0.01.
+    Widths below 1024, which is all of our CPU models, get 1.0 / 1.0: the paper has no entry there; the
+    trend says narrower models tolerate larger α0, and we do not extrapolate past the smallest entry.
+    """
+    widths = sorted(DYT_ALPHA_TABLE)
+    if width <= widths[0]:
+        return DYT_ALPHA_TABLE[widths[0]]
+    if width >= widths[-1]:
+        return DYT_ALPHA_TABLE[widths[-1]]
+    for lo, hi in zip(widths, widths[1:]):
+        if lo <= width <= hi:
+            f = (math.log2(width) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+            a_lo, a_hi = DYT_ALPHA_TABLE[lo], DYT_ALPHA_TABLE[hi]
+            return (a_lo[0] + f * (a_hi[0] - a_lo[0]), a_lo[1] + f * (a_hi[1] - a_lo[1]))
+    raise AssertionError("unreachable")
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh: γ ⊙ tanh(α·x) + β, α a learnable scalar, γ and β per channel."""
+
+    def __init__(self, dim: int, alpha_init: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+
+def make_norm(cfg: ModelConfig, where: str) -> nn.Module:
+    """A norm layer; `where` is "attn" or "other" (FFN and final), which only DyT's α0 depends on."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
+    a_attn, a_other = dyt_alpha_init(cfg.d_model)
+    a_attn = cfg.dyt_alpha_attn or a_attn
+    a_other = cfg.dyt_alpha_other or a_other
+    return DyT(cfg.d_model, a_attn if where == "attn" else a_other)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for rotary embeddings. positions: (T,) or (B, T) -> each (…, T, head_dim), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (…, T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos/sin: (T, hd) or (B, T, hd)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        hd = cfg.d_model // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, hd)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, n_kv, T, hd) -> all keys/values so far, (B, n_kv, length + T, hd)
+        T = k.shape[2]
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} > {self.max_len}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        # x: (B, T, C)
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = mask is None
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)
+            if mask is None and T > 1:  # chunked prefill: causal, offset by what the cache holds
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        gqa = self.n_kv_head != self.n_head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.ffn_hidden or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, "attn")
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, "other")
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_scale = (nn.Parameter(torch.tensor([math.sqrt(cfg.d_model)]))
+                            if cfg.norm == "dyt" and cfg.dyt_embed_scale else None)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg, "other")
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V).
+
+        positions: (T,) or (B, T); default 0..T-1, continuing from the cache's length when a cache is given.
+        mask: boolean, broadcastable to (B, H, T, T_keys), True where attention is allowed; default causal.
+        """
+        B, T = idx.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device)
+        cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_theta)
+        x = self.tok_emb(idx)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.cfg.tie_embeddings:  # the shared matrix still does the output projection's matmul
+                n += self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N for the matmuls (embedding lookup excluded, output head included)
+        plus 6·n_layer·seq_len·d for causal attention scores and values (only the unmasked half counted)."""
+        return 6 * self.num_params(embeddings=False) + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats. logits: (B, T, V), targets: (B, T)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: (B, V) -> next ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_id: int | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Sample continuations. prompt: (B, T0) -> (B, T0 + new) ids.
+
+    With the KV cache the prompt is prefilled once and each step feeds one token. When the sequence reaches
+    the model's context, the window slides: the cache is rebuilt from the last context/2 tokens. Rows that
+    emit `stop_id` keep emitting it, and generation ends when every row has stopped.
+    """
+    model.eval()
+    ctx = model.cfg.context
+    gen = torch.Generator().manual_seed(seed)
+    seq = prompt
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool)
+    cache, fed = None, 0
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(seq[:, -ctx:])[:, -1]
+        else:
+            if cache is None or cache.length >= ctx:
+                window = seq[:, -(ctx // 2 if cache is not None else ctx):]
+                cache = KVCache(model.cfg, seq.shape[0], ctx, dtype=next(model.parameters()).dtype)
+                logits = model(window, cache=cache)[:, -1]
+            else:
+                logits = model(seq[:, fed:], cache=cache)[:, -1]
+            fed = seq.shape[1]
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)
+        if stop_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
+            done |= nxt == stop_id
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if stop_id is not None and bool(done.all()):
+            break
+    return seq

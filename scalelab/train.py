@@ -1,0 +1,219 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, eval, checkpoints, exact resume.
+
+One function, `train(cfg, run_dir)`, turns a config into a run directory:
+`config.toml` (resolved), `metrics.jsonl` (train lines every `log_every` steps, eval lines every
+`eval_every`), `checkpoints/step_*/` and, at the end, a final checkpoint. Resuming restores weights,
+optimizer moments, RNG state and the data position, and truncates the metrics to the checkpoint's step, so a
+run killed at any instant and resumed ends bitwise-equal (on CPU) to one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from scalelab import checkpoint, config as configmod, data as datamod
+from scalelab.config import Config
+from scalelab.errors import ConfigError, ScalelabError
+from scalelab.model import Transformer, loss_fn
+
+log = logging.getLogger("scalelab")
+
+
+def lr_at(step: int, cfg: configmod.TrainConfig) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to lr·min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: configmod.TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, DyT scalars or the embedding scale)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean next-token loss in nats over fixed validation batches."""
+    was_training = model.training
+    model.eval()
+    total = sum(loss_fn(model(x), y).item() for x, y in batches) / len(batches)
+    model.train(was_training)
+    return total
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ScalelabError(f"cannot write to output directory {run_dir}: {e.strerror}") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after `step` (they belong to the lost part of an interrupted run)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    write_atomic(path, "".join(k + "\n" for k in keep))
+
+
+def build_model(cfg: Config, vocab_size: int) -> Transformer:
+    cfg.model.vocab_size = vocab_size
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(cfg.model)
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train `cfg` into `run_dir`; return a summary (final val loss, bits per byte, speed)."""
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    cfg_path = run_dir / "config.toml"
+    if resume and not cfg_path.is_file():
+        log.info(f"nothing to resume in {run_dir}; starting a new run")
+        resume = False
+    if resume:
+        saved = configmod.load(cfg_path)
+        for section in ("model", "data"):
+            mine, theirs = getattr(cfg, section), getattr(saved, section)
+            if section == "model":
+                mine.vocab_size = theirs.vocab_size
+            if mine != theirs:
+                diff = [k for k in vars(mine) if getattr(mine, k) != getattr(theirs, k)]
+                raise ConfigError(f"cannot resume {run_dir} with a different {section} config "
+                                  f"(changed: {', '.join(f'{section}.{k}' for k in diff)})")
+    elif checkpoint.list_checkpoints(ckpt_root) or cfg_path.is_file():
+        raise ScalelabError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    _check_writable(run_dir)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+    prepared = datamod.prepare(cfg.data, log=log.info)
+    model = build_model(cfg, prepared.meta["vocab_size"])
+    optimizer = make_optimizer(model, cfg.train)
+    t = cfg.train
+    batches = datamod.Batches(prepared.tokens("train"), cfg.model.context, t.batch_size, t.seed)
+    val = datamod.eval_batches(prepared.tokens("val"), cfg.model.context, t.batch_size, t.eval_batches)
+    bpt = prepared.bytes_per_token("val")
+
+    start, tokens_seen, elapsed = 0, 0, 0.0
+    if resume and (ck := checkpoint.latest(ckpt_root)) is not None:
+        state = checkpoint.load(ck, model, optimizer)
+        checkpoint.set_rng_state(state["rng"])
+        batches.load_state(state["data"])
+        start, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+        log.info(f"resuming {run_dir} from step {start}")
+    _truncate_metrics(run_dir / "metrics.jsonl", start)
+    write_atomic(cfg_path, configmod.to_toml(cfg))
+    # The run directory is self-contained: sampling and reports need no data cache.
+    write_atomic(run_dir / "tokenizer.json", prepared.tokenizer_path.read_text())
+    write_atomic(run_dir / "data.json", json.dumps(prepared.meta, indent=2))
+
+    fwd = torch.compile(model) if t.compile else model
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
+    flops_per_step = model.flops_per_token(cfg.model.context) * tokens_per_step
+    metrics = open(run_dir / "metrics.jsonl", "a")
+
+    def emit(rec: dict) -> None:
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+
+    def save(step: int) -> None:
+        checkpoint.save(ckpt_root, step, model, optimizer,
+                        {"config": cfg.to_dict(), "data": batches.state(), "rng": checkpoint.rng_state(),
+                         "tokens": tokens_seen, "elapsed": elapsed}, t.keep_last)
+
+    last_val = None
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                   TimeRemainingColumn(), disable=not progress, transient=False)
+    model.train()
+    with bar:
+        task = bar.add_task(cfg.name, total=t.max_steps, completed=start, loss="-", tps="-")
+        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        for step in range(start, t.max_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, t)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = 0.0
+            for _ in range(t.grad_accum):
+                x, y = batches.next()
+                loss = loss_fn(fwd(x), y) / t.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item() if t.grad_clip
+                     else math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(step_loss):
+                raise ScalelabError(f"loss became {step_loss} at step {step + 1}; lower train.lr or raise warmup")
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            tokens_seen += tokens_per_step
+            window_loss, window_steps, window_time = window_loss + step_loss, window_steps + 1, window_time + dt
+            done = step + 1
+            if done % t.log_every == 0 or done == t.max_steps:
+                emit({"step": done, "tokens": tokens_seen, "lr": lr, "loss": window_loss / window_steps,
+                      "grad_norm": gnorm, "step_time": window_time / window_steps,
+                      "tok_per_s": tokens_per_step * window_steps / window_time,
+                      "flops_per_s": flops_per_step * window_steps / window_time, "elapsed": elapsed})
+                bar.update(task, loss=f"{window_loss / window_steps:.3f}",
+                           tps=f"{tokens_per_step * window_steps / window_time:,.0f}")
+                window_loss, window_steps, window_time = 0.0, 0, 0.0
+            if done % t.eval_every == 0 or done == t.max_steps:
+                last_val = evaluate(model, val)
+                emit({"step": done, "tokens": tokens_seen, "val_loss": last_val,
+                      "val_bpb": last_val / math.log(2) / bpt})
+            if done % t.ckpt_every == 0 or done == t.max_steps:
+                save(done)
+            bar.update(task, completed=done)
+    metrics.close()
+    if last_val is None:  # resumed a finished run: report its last evaluation
+        last_val = evaluate(model, val)
+    return {"val_loss": last_val, "val_bpb": last_val / math.log(2) / bpt, "steps": t.max_steps,
+            "tokens": tokens_seen, "elapsed": elapsed, "params": model.num_params(),
+            "flops_per_token": model.flops_per_token(cfg.model.context)}
+
+
+def load_run(run_dir: Path) -> tuple[Config, Transformer]:
+    """The config and the newest weights of a run (its tokenizer is `run_dir/tokenizer.json`)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise ScalelabError(f"{run_dir} is not a run directory (no config.toml)")
+    cfg = configmod.load(cfg_path)
+    ck = checkpoint.latest(run_dir / "checkpoints")
+    if ck is None:
+        raise ScalelabError(f"run {run_dir} has no checkpoint yet")
+    model = Transformer(cfg.model)
+    checkpoint.load_weights(ck, model)
+    model.eval()
+    return cfg, model
