@@ -90,10 +90,12 @@ def _command(result: HorizonResult) -> str:
         parts.append(f"--release-dates '{s['release_dates']}'")
     if s["models"] != "all":
         parts.append(f"--models '{s['models']}'")
-    parts += [f"--weighting {s['weighting']}", f"-C {s['C']:g}", f"--p {','.join(f'{100 * p:g}' for p in result.ps)}"]
+    if result.runs is not None:
+        parts += [f"--weighting {s['weighting']}", f"-C {s['C']:g}"]
+    parts.append(f"--p {','.join(f'{100 * p:g}' for p in result.ps)}")
     if s.get("replicates_file"):
         parts.append(f"--replicates '{s['replicates_file']}'")
-    else:
+    elif result.runs is not None:
         parts += [f"--bootstrap {s['bootstrap']}", f"--seed {s['seed']}"]
     if s.get("after"):
         parts.append(f"--after {s['after']}")
