@@ -17,6 +17,13 @@ METR/eval-analysis-public @ 2cd6540 (notes: ../shared/papers/time-horizons.md, s
   calls are made in METR's order, so with seed 42 the rows drawn are the rows METR's code draws.
 - Trend: OLS of ln(max(p50, 1e-3)) on release date in days; doubling time = ln 2 / slope; its CI refits the
   OLS on each replicate (dropping p50s that are NaN, inf or < 1e-3, keeping positive doubling times only).
+
+Deliberately different from METR's code:
+- All-fail / all-success models get "below / above the task range" and stay out of the trend (METR: p50 = 0,
+  clipped to 1e-3 in the trend; an all-success agent would stop sklearn with an error).
+- Fits are solved to convergence; METR's lbfgs stops at sklearn's tol = 1e-4, which moves its p50s by up to
+  ~0.5% on the February runs file (GPT-4 0314: 3.669 min against the converged 3.657).
+- CIs and the trend band are 95% throughout; METR's headline figure draws an 80% band and prints an 80% CI.
 """
 
 from __future__ import annotations
@@ -794,4 +801,4 @@ def horizon_command(
         ci = f" (95% CI {lo:.0f}–{hi:.0f})" if math.isfinite(lo) else ""
         console.print(f"{p_label(t.p)} doubling time: {t.doubling_days:.1f} days{ci} over {len(t.models)} models, "
                       f"R² {t.r2:.3f}")
-    console.print(f"wrote {', '.join(str(q) for q in paths)}")
+    console.print(f"wrote {out}/: {', '.join(q.name for q in paths)}", soft_wrap=True)

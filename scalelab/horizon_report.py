@@ -39,6 +39,10 @@ def write_report(result: HorizonResult, out: Path) -> list[Path]:
             write(result, tmp)
         for tmp, final in done:
             os.replace(tmp, final)
+        written = {final.name for _, final in done}
+        for stale in ("bootstrap.csv", "headline.png"):  # from an earlier run with other settings
+            if stale not in written:
+                (out / stale).unlink(missing_ok=True)
     finally:
         for tmp, _ in done:
             tmp.unlink(missing_ok=True)
