@@ -234,6 +234,11 @@ def _plot_headline(result: HorizonResult, path: Path) -> None:
         err = [[max(h - lo, 0)], [max(hi - h, 0)]] if math.isfinite(lo) and math.isfinite(hi) else None
         ax.errorbar([d], [h], yerr=err, fmt="o", color="C0", ecolor="C0", capsize=3, ms=6, zorder=3)
         ax.annotate(name, (d, h), textcoords="offset points", xytext=(6, -3), fontsize=7)
+    others = [f for f in result.fits if f.model in result.dates and f.model not in t.models
+              and math.isfinite(f.horizon(t.p)) and f.horizon(t.p) > 0]
+    if others:
+        ax.scatter([result.dates[f.model] for f in others], [f.horizon(t.p) for f in others], facecolors="none",
+                   edgecolors="0.5", zorder=2, label=f"not in the trend ({len(others)})")
     days = np.array([(result.dates[m] - dt.date(1970, 1, 1)).days for m in t.models], dtype=float)
     grid = np.linspace(days.min() - 180, days.max() + 180, 300)
     dates = [d.date() for d in num2date(grid)]
