@@ -33,7 +33,6 @@ import datetime as dt
 import difflib
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +139,9 @@ def _rows_csv(path: Path):
             return
         for spellings in _FIELDS.values():
             if not any(s in reader.fieldnames for s in spellings):
-                raise DataError(f"{path}:1: missing column '{spellings[-1] if spellings[0] == 'alias' else spellings[0]}'"
-                                f" (need model, task_id, task_family, human_minutes, success[, weight])")
+                name = "model" if spellings[0] == "alias" else spellings[0]
+                raise DataError(f"{path}:1: missing column '{name}' "
+                                "(need model, task_id, task_family, human_minutes, success[, weight])")
         for rec in reader:
             if None in rec:  # more cells than header columns
                 raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(rec[None])} cells, "
@@ -386,7 +386,8 @@ def fit_models(runs: Runs, w: np.ndarray, C: float = 10.0) -> list[ModelFit]:
                        max_minutes=float(mins.max()), average=float(np.sum(wm * y) / np.sum(wm)))
         for lo, hi in zip(TIME_BUCKETS[:-1], TIME_BUCKETS[1:]):
             inb = (mins >= lo) & (mins < hi)
-            fit.buckets[f"{lo}-{hi} min"] = float(np.sum(wm[inb] * y[inb]) / np.sum(wm[inb])) if inb.any() else float("nan")
+            rate = np.sum(wm[inb] * y[inb]) / np.sum(wm[inb]) if inb.any() else np.nan
+            fit.buckets[f"{lo}-{hi} min"] = float(rate)
         if np.all(y == 0) or np.all(y == 1):
             fit.status = "all_fail" if np.all(y == 0) else "all_success"
             fit.slope, fit.intercept = float("nan"), float("nan")
@@ -755,7 +756,8 @@ def analyse(source: Path, release_dates: Path | None = None, models: str | None 
             notes.append(f"no trend: {len(chosen)} selected model(s) with release dates")
     elif models:
         raise ScalelabError("--models selects the trend's models; it needs --release-dates")
-    settings = {"weighting": weighting, "C": C, "bootstrap": 0 if reps is None else len(next(iter(reps.values.values()))),
+    n_reps = 0 if reps is None else len(next(iter(reps.values.values())))
+    settings = {"weighting": weighting, "C": C, "bootstrap": n_reps,
                 "seed": seed, "release_dates": str(release_dates) if release_dates else None,
                 "replicates_file": str(replicates) if replicates else None,
                 "models": models or "all", "after": after.isoformat() if after else None, "level": level}
@@ -765,12 +767,14 @@ def analyse(source: Path, release_dates: Path | None = None, models: str | None 
 def horizon_command(
     runs: Annotated[Path, typer.Argument(help="METR runs JSONL, a CSV (model,task_id,task_family,human_minutes,"
                                               "success[,weight]), or a per-model fits CSV (METR headline.csv).")],
-    release_dates: Annotated[Path | None, typer.Option("--release-dates", "-r", help="METR release_dates.yaml "
-                                                       "(date: {model: YYYY-MM-DD}) or CSV model,release_date.")] = None,
+    release_dates: Annotated[Path | None, typer.Option(
+        "--release-dates", "-r", help="METR release_dates.yaml (date: {model: YYYY-MM-DD}) or CSV "
+        "model,release_date.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report directory.")] = Path("horizon-report"),
     models: Annotated[str | None, typer.Option("--models", "-m", help="Models in the trend: 'frontier11' "
                                                "(METR's headline set), 'all', or a comma list.")] = None,
-    weighting: Annotated[str, typer.Option(help="invsqrt (METR), equal, none, or given (a weight column).")] = "invsqrt",
+    weighting: Annotated[str, typer.Option(
+        help="invsqrt (METR), equal, none, or given (a weight column).")] = "invsqrt",
     C: Annotated[float, typer.Option("-C", "--C", help="Inverse L2 strength on the slope; METR: 10 "
                                      "(regularization 0.1).")] = 10.0,
     n_bootstrap: Annotated[int, typer.Option("--bootstrap", "-b", help="Hierarchical bootstrap replicates "

@@ -107,7 +107,8 @@ def _command(result: HorizonResult) -> str:
 
 
 def _write_md(result: HorizonResult, path: Path) -> None:
-    s, runs, pct = result.settings, result.runs, int(round(100 * float(result.settings["level"])))  # type: ignore[arg-type]
+    s, runs = result.settings, result.runs
+    pct = int(round(100 * float(s["level"])))  # type: ignore[arg-type]
     lines = ["# Time horizons (METR method)", ""]
     if runs is not None:
         lines.append(f"Source: `{result.source}`: {len(runs)} runs, {len(runs.models)} models, {len(runs.tasks)} tasks "
