@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.26 vendors its own click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
 
 from scalelab.errors import ScalelabError
 from scalelab.horizon import horizon_command
@@ -121,16 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     except ScalelabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except click_exc.NoArgsIsHelpError as e:
         print(e.format_message(), file=sys.stderr)
         sys.exit(2)
-    except click.UsageError as e:
+    except click_exc.ClickException as e:  # bad flags and values
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        sys.exit(e.exit_code if e.exit_code else 2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 

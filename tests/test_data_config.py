@@ -1,0 +1,135 @@
+import math
+
+import numpy as np
+import pytest
+
+from scalelab import config, data, tokenizer
+from scalelab.config import DataConfig
+from scalelab.errors import ConfigError, DataError
+
+
+def test_split_is_deterministic_and_order_independent(corpus_dir):
+    c = data.read_corpus(str(corpus_dir))
+    tr1, va1 = data.split_docs(c, 0.1)
+    c2 = data.read_corpus(str(corpus_dir))
+    c2.docs.reverse()
+    tr2, va2 = data.split_docs(c2, 0.1)
+    assert sorted(tr1) == sorted(tr2) and sorted(va1) == sorted(va2)
+    assert va1 and tr1 and not set(tr1) & set(va1)
+
+
+def test_duplicates_and_non_utf8_are_counted(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta\n" * 50)
+    (tmp_path / "b.txt").write_text("alpha beta\n" * 50)  # duplicate of a
+    (tmp_path / "c.txt").write_text("gamma delta\n" * 50)
+    (tmp_path / "bad.bin").write_bytes(b"\xff\xfe\x00 not utf-8 \xc3\x28")
+    c = data.read_corpus(str(tmp_path))
+    assert c.skipped_non_utf8 == 1
+    train, val = data.split_docs(c, 0.5)
+    assert c.duplicates == 1 and len(train) + len(val) == 2
+
+
+def test_single_file_is_cut_into_pieces(tmp_path):
+    f = tmp_path / "book.txt"
+    f.write_text("".join(f"line {i} of a long text\n" for i in range(20000)))
+    c = data.read_corpus(str(f))
+    assert len(c.docs) > 20
+    assert "".join(t for _, t in c.docs) == f.read_text()
+
+
+def test_empty_and_missing_corpus(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        data.prepare(DataConfig(corpus=str(tmp_path / "nope"), cache_dir=str(tmp_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no UTF-8 text"):
+        data.prepare(DataConfig(corpus=str(tmp_path / "empty"), cache_dir=str(tmp_path)))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "x.txt").write_text("just one document")
+    with pytest.raises(DataError, match="too small"):
+        data.prepare(DataConfig(corpus=str(tmp_path / "one"), cache_dir=str(tmp_path)))
+
+
+def test_prepare_caches_and_tokens_round_trip(corpus_dir, cache_dir):
+    cfg = DataConfig(corpus=str(corpus_dir), vocab_size=512, cache_dir=str(cache_dir))
+    p = data.prepare(cfg)
+    assert p.meta["vocab_size"] == 512
+    assert data.prepare(cfg).dir == p.dir  # cached
+    tok = tokenizer.load(p.tokenizer_path)
+    ids = p.tokens("val")
+    assert ids.dtype == np.uint16 and len(ids) == p.meta["val"]["tokens"]
+    eot = tokenizer.eot_id(tok)
+    first_doc = ids[: int(np.argmax(ids == eot))].tolist()
+    text = tok.decode(first_doc)
+    assert len(text.encode()) > 100
+    assert tok.encode(text).ids == first_doc  # byte-level BPE round-trips
+    # bits per byte: total nats over the split divided by its bytes, in bits
+    assert p.bytes_per_token("val") == pytest.approx(p.meta["val"]["bytes"] / p.meta["val"]["tokens"])
+
+
+def test_batches_resume_exactly_and_cover_windows():
+    toks = np.arange(1000, dtype=np.uint16)
+    a = data.Batches(toks, context=10, batch_size=7, seed=3)
+    seen = []
+    for _ in range(5):
+        x, y = a.next()
+        assert (y[:, :-1] == x[:, 1:]).all()
+        seen += (x[:, 0] // 10).tolist()
+    st = a.state()
+    nxt = [a.next()[0] for _ in range(20)]  # crosses an epoch boundary (99 windows)
+    b = data.Batches(toks, context=10, batch_size=7, seed=3)
+    b.load_state(st)
+    for want in nxt:
+        assert (b.next()[0] == want).all()
+    assert len(set(seen)) == len(seen)  # no window twice within an epoch
+
+
+def test_batches_ranks_partition_the_global_batch():
+    toks = np.arange(5000, dtype=np.uint16)
+    one = data.Batches(toks, 16, 8, seed=1).next()[0]
+    parts = [data.Batches(toks, 16, 4, seed=1, rank=r, world=2).next()[0] for r in range(2)]
+    assert sorted(map(tuple, one.tolist())) == sorted(map(tuple, parts[0].tolist() + parts[1].tolist()))
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    cfg = config.load(None, ["train.lr=0.01", "model.norm=dyt", "name=x", "train.compile=true"])
+    assert cfg.train.lr == 0.01 and cfg.model.norm == "dyt" and cfg.name == "x" and cfg.train.compile is True
+    for bad, msg in [("train.lrr=1", "unknown config key train.lrr"), ("optim.lr=1", "unknown config section"),
+                     ("train.lr=-1", "train.lr must be > 0"), ("model.n_head=5", "must divide model.d_model"),
+                     ("model.n_kv_head=3", "must divide model.n_head"), ("train.max_steps=1.5", "integer"),
+                     ("model.norm=batchnorm", "model.norm must be one of"), ("lr", "key=value"),
+                     ("data.vocab_size=70000", "uint16")]:
+        with pytest.raises(ConfigError, match=msg):
+            config.load(None, [bad])
+    r = tmp_path / "r.toml"
+    r.write_text("[train]\nlr = 0.5\nbogus = 1\n")
+    with pytest.raises(ConfigError, match="train.bogus"):
+        config.load(r)
+    r.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(r)
+
+
+def test_config_toml_round_trip(tmp_path):
+    cfg = config.load(None, ["model.norm=dyt", 'data.corpus="/a b/c"', "train.lr=1e-4"])
+    p = tmp_path / "c.toml"
+    p.write_text(config.to_toml(cfg))
+    assert config.load(p) == cfg
+
+
+def test_recipes_are_valid():
+    from conftest import ROOT
+
+    for r in sorted((ROOT / "recipes").glob("*.toml")):
+        config.load(r)
+
+
+def test_lr_schedule():
+    from scalelab.train import lr_at
+
+    t = config.TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, t) == pytest.approx(0.1)
+    assert lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 110))
+    assert math.isclose(lr_at(10, t), 1.0)
