@@ -67,6 +67,8 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False  # torch.compile the model (faster steps on CPU after a one-off compile)
     threads: int = 0  # 0 = torch's default
+    device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
+    bf16: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
 
 
 @dataclass
@@ -214,6 +216,8 @@ def validate(cfg: Config) -> None:
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
 
 
 def to_toml(cfg: Config) -> str:

@@ -50,7 +50,8 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
     """Mean next-token loss in nats over fixed validation batches."""
     was_training = model.training
     model.eval()
-    total = sum(loss_fn(model(x), y).item() for x, y in batches) / len(batches)
+    dev = next(model.parameters()).device
+    total = sum(loss_fn(model(x.to(dev)), y.to(dev)).item() for x, y in batches) / len(batches)
     model.train(was_training)
     return total
 
@@ -85,6 +86,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_atomic(path, "".join(k + "\n" for k in keep))
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = cuda, but this torch sees no CUDA device (install a CUDA build of torch)")
+    return torch.device(name)
+
+
 def build_model(cfg: Config, vocab_size: int) -> Transformer:
     cfg.model.vocab_size = vocab_size
     torch.manual_seed(cfg.train.seed)
@@ -116,8 +126,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         torch.set_num_threads(cfg.train.threads)
 
     prepared = datamod.prepare(cfg.data, log=log.info)
-    model = build_model(cfg, prepared.meta["vocab_size"])
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg, prepared.meta["vocab_size"]).to(device)
     optimizer = make_optimizer(model, cfg.train)
+    # bf16 autocast on GPU only: CPU runs stay fp32 and bitwise reproducible.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
     t = cfg.train
     batches = datamod.Batches(prepared.tokens("train"), cfg.model.context, t.batch_size, t.seed)
     val = datamod.eval_batches(prepared.tokens("val"), cfg.model.context, t.batch_size, t.eval_batches)
@@ -166,7 +179,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             step_loss = 0.0
             for _ in range(t.grad_accum):
                 x, y = batches.next()
-                loss = loss_fn(fwd(x), y) / t.grad_accum
+                with autocast:
+                    loss = loss_fn(fwd(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()
             gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item() if t.grad_clip
