@@ -133,3 +133,18 @@ def test_lr_schedule():
     assert lr_at(110, t) == pytest.approx(0.1)
     assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(10, 110))
     assert math.isclose(lr_at(10, t), 1.0)
+
+
+def test_hf_corpus_without_datasets_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DataError, match="needs the 'datasets' package"):
+        data.read_corpus("hf:wikitext")
