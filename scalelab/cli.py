@@ -65,28 +65,53 @@ def sample(
     prompt: Annotated[str, typer.Option(help="text to continue")] = "",
     n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
     max_tokens: Annotated[int, typer.Option(help="new tokens per sample")] = 200,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default 0.8; BD3 runs 1.0)")] = None,
     top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling mass; 1 = off")] = 0.95,
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus mass; 1 = off (default 0.95; BD3 runs: "
+                                                          "diffusion.top_p)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    mode: Annotated[str, typer.Option(help="auto (from the run) | ar | bd3; a mismatch with the run is an error")] = "auto",
+    steps: Annotated[Optional[int], typer.Option(help="BD3: denoising steps per block, 1..block size "
+                                                      "(default diffusion.sample_steps, 0 = block size)")] = None,
 ) -> None:
-    """Sample continuations of a prompt from a trained run."""
+    """Sample continuations of a prompt from a trained run (autoregressive or BD3-LM block diffusion)."""
     import torch
 
     from scalelab import tokenizer as tokmod, train as trainmod
 
     if n < 1 or max_tokens < 1:
         raise ScalelabError("-n and --max-tokens must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ScalelabError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if mode not in ("auto", "ar", "bd3"):
+        raise ScalelabError(f"--mode must be auto, ar or bd3, got {mode!r}")
     from scalelab.model import generate
 
     cfg, model = trainmod.load_run(run)
+    block = cfg.diffusion.block_size
+    if mode == "ar" and block:
+        raise ScalelabError(f"run {run} is a BD3-LM run (block size {block}); sample it with --mode bd3 or auto")
+    if mode == "bd3" and not block:
+        raise ScalelabError(f"run {run} is an autoregressive run; sample it with --mode ar or auto")
+    if steps is not None and not block:
+        raise ScalelabError("--steps is for BD3-LM runs only")
+    temperature = (1.0 if block else 0.8) if temperature is None else temperature
+    top_p = (cfg.diffusion.top_p if block else 0.95) if top_p is None else top_p
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ScalelabError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     tok = tokmod.load(run / "tokenizer.json")
     eot = tokmod.eot_id(tok)
     ids = tok.encode(prompt).ids or [eot]  # an empty prompt starts a new document
     x = torch.tensor([ids] * n)
-    out = generate(model, x, max_tokens, temperature, top_k, top_p, seed=seed, stop_id=eot)
+    if block:  # BD3-LM: block-by-block denoising with a KV cache over clean blocks (scalelab/diffusion.py)
+        from scalelab.diffusion import bd3_generate
+
+        t_steps = cfg.diffusion.sample_steps if steps is None else steps
+        if steps is not None and not 1 <= steps <= block:
+            raise ScalelabError(f"--steps must be in [1, block size = {block}], got {steps}")
+        if top_k:
+            raise ScalelabError("--top-k is not supported for BD3-LM runs (the paper samples with top-p)")
+        out = bd3_generate(model, x, max_tokens, block, t_steps, temperature, top_p, seed=seed, stop_id=eot)
+    else:
+        out = generate(model, x, max_tokens, temperature, top_k, top_p, seed=seed, stop_id=eot)
     for i in range(n):
         new = [t for t in out[i, len(ids):].tolist()]
         if eot in new:

@@ -72,17 +72,36 @@ class TrainConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """BD3-LM (scalelab/diffusion.py). block_size = 0 trains an ordinary autoregressive model."""
+
+    block_size: int = 0  # L′; must divide model.context. L′ = 1 is AR-like, L′ = context is MDLM
+    clip_lo: float = 0.001  # β: training mask rates are drawn from U[β, ω] (§5.2); eval always uses [0.001, 1]
+    clip_hi: float = 1.0  # ω
+    resample: bool = True  # re-mask blocks whose masked fraction falls outside [β, ω] (the BD3 train scripts)
+    clip_search: bool = True  # data-driven (β, ω): grid search minimising Var[per-block loss] at evals (§5.3)
+    search_after: int = 0  # first step at which an eval also runs the search
+    search_widths: str = "0.5,0.6,0.7,0.8,0.9"  # ω − β candidates (comma-separated)
+    search_delta: float = 0.05  # β grid spacing
+    search_batches: int = 0  # validation batches per candidate; 0 = train.eval_batches
+    sample_steps: int = 0  # T denoising steps per block; 0 = L′ (first-hitting: one token per step)
+    top_p: float = 0.9  # nucleus mass for sampling (the paper's 0.9)
+    init_from: str = ""  # a run directory whose newest weights start this run (MDLM pre-train → fine-tune)
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "diffusion": DiffusionConfig}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -216,8 +235,42 @@ def validate(cfg: Config) -> None:
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _validate_diffusion(cfg)
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+def parse_widths(spec: str) -> list[float]:
+    """diffusion.search_widths "0.5,0.6" -> [0.5, 0.6]; each in (0, 1]."""
+    try:
+        widths = [float(w) for w in spec.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"diffusion.search_widths must be comma-separated numbers, got {spec!r}") from None
+    if not widths or not all(0 < w <= 1 for w in widths):
+        raise ConfigError(f"diffusion.search_widths must be numbers in (0, 1], got {spec!r}")
+    return widths
+
+
+def _validate_diffusion(cfg: Config) -> None:
+    d, ctx = cfg.diffusion, cfg.model.context
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(d.block_size >= 0, f"diffusion.block_size must be >= 0 (0 = autoregressive), got {d.block_size}")
+    if not d.block_size:
+        return
+    need(d.block_size <= ctx, f"diffusion.block_size ({d.block_size}) is longer than model.context ({ctx})")
+    need(ctx % d.block_size == 0, f"diffusion.block_size ({d.block_size}) must divide model.context ({ctx})")
+    need(0 <= d.sample_steps <= d.block_size,
+         f"diffusion.sample_steps must be in [1, block_size = {d.block_size}] (0 = block_size), got {d.sample_steps}")
+    need(0 < d.clip_lo <= d.clip_hi <= 1, f"need 0 < diffusion.clip_lo <= diffusion.clip_hi <= 1, "
+                                          f"got [{d.clip_lo}, {d.clip_hi}]")
+    need(0 < d.search_delta < 1, f"diffusion.search_delta must be in (0, 1), got {d.search_delta}")
+    need(d.search_after >= 0 and d.search_batches >= 0, "diffusion.search_after and search_batches must be >= 0")
+    need(0 < d.top_p <= 1, f"diffusion.top_p must be in (0, 1], got {d.top_p}")
+    parse_widths(d.search_widths)
 
 
 def to_toml(cfg: Config) -> str:

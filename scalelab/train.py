@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from scalelab import checkpoint, config as configmod, data as datamod
+from scalelab import checkpoint, config as configmod, data as datamod, diffusion
 from scalelab.config import Config
 from scalelab.errors import ConfigError, ScalelabError
 from scalelab.model import Transformer, loss_fn
@@ -119,6 +119,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 diff = [k for k in vars(mine) if getattr(mine, k) != getattr(theirs, k)]
                 raise ConfigError(f"cannot resume {run_dir} with a different {section} config "
                                   f"(changed: {', '.join(f'{section}.{k}' for k in diff)})")
+        if cfg.diffusion.block_size != saved.diffusion.block_size:
+            raise ConfigError(f"cannot resume {run_dir} with a different diffusion.block_size "
+                              f"({saved.diffusion.block_size} -> {cfg.diffusion.block_size})")
     elif checkpoint.list_checkpoints(ckpt_root) or cfg_path.is_file():
         raise ScalelabError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     _check_writable(run_dir)
@@ -127,7 +130,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
 
     prepared = datamod.prepare(cfg.data, log=log.info)
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg, prepared.meta["vocab_size"]).to(device)
+    # BD3-LM hook (scalelab/diffusion.py): its loss, NELBO eval and (β, ω) search; the model gets a [MASK] id.
+    bd3 = diffusion.BD3Objective(cfg) if cfg.diffusion.block_size else None
+    model = build_model(cfg, prepared.meta["vocab_size"] + (1 if bd3 else 0)).to(device)
     optimizer = make_optimizer(model, cfg.train)
     # bf16 autocast on GPU only: CPU runs stay fp32 and bitwise reproducible.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
@@ -143,6 +148,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         batches.load_state(state["data"])
         start, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
         log.info(f"resuming {run_dir} from step {start}")
+        if bd3 is not None:
+            bd3.load_state(state.get("diffusion"))
+    elif bd3 is not None:
+        bd3.init_weights(model)
     _truncate_metrics(run_dir / "metrics.jsonl", start)
     write_atomic(cfg_path, configmod.to_toml(cfg))
     # The run directory is self-contained: sampling and reports need no data cache.
@@ -152,6 +161,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     fwd = torch.compile(model) if t.compile else model
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     flops_per_step = model.flops_per_token(cfg.model.context) * tokens_per_step
+    if bd3 is not None and cfg.diffusion.block_size < cfg.model.context:
+        flops_per_step *= 2  # BD3-LM trains on x_t ⊕ x, 2L tokens
     metrics = open(run_dir / "metrics.jsonl", "a")
 
     def emit(rec: dict) -> None:
@@ -161,7 +172,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     def save(step: int) -> None:
         checkpoint.save(ckpt_root, step, model, optimizer,
                         {"config": cfg.to_dict(), "data": batches.state(), "rng": checkpoint.rng_state(),
-                         "tokens": tokens_seen, "elapsed": elapsed}, t.keep_last)
+                         "tokens": tokens_seen, "elapsed": elapsed, **({"diffusion": bd3.state()} if bd3 else {})},
+                        t.keep_last)
 
     last_val = None
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -177,10 +189,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             for g in optimizer.param_groups:
                 g["lr"] = lr
             step_loss = 0.0
-            for _ in range(t.grad_accum):
+            for micro in range(t.grad_accum):
                 x, y = batches.next()
                 with autocast:
-                    loss = loss_fn(fwd(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)) / t.grad_accum
+                    if bd3 is not None:  # BD3-LM: NELBO over x (noise seeded by seed, step, micro)
+                        loss = bd3.loss(fwd, x.to(device, non_blocking=True), step, micro) / t.grad_accum
+                    else:
+                        loss = loss_fn(fwd(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()
             gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item() if t.grad_clip
@@ -203,15 +218,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                            tps=f"{tokens_per_step * window_steps / window_time:,.0f}")
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
             if done % t.eval_every == 0 or done == t.max_steps:
-                last_val = evaluate(model, val)
+                last_val = bd3.evaluate(model, val) if bd3 is not None else evaluate(model, val)
+                search = (bd3.search(model, val, done) if bd3 is not None else None) or {}  # BD3: (β, ω)
                 emit({"step": done, "tokens": tokens_seen, "val_loss": last_val,
-                      "val_bpb": last_val / math.log(2) / bpt})
+                      "val_bpb": last_val / math.log(2) / bpt, **search})
             if done % t.ckpt_every == 0 or done == t.max_steps:
                 save(done)
             bar.update(task, completed=done)
     metrics.close()
     if last_val is None:  # resumed a finished run: report its last evaluation
-        last_val = evaluate(model, val)
+        last_val = bd3.evaluate(model, val) if bd3 is not None else evaluate(model, val)
     return {"val_loss": last_val, "val_bpb": last_val / math.log(2) / bpt, "steps": t.max_steps,
             "tokens": tokens_seen, "elapsed": elapsed, "params": model.num_params(),
             "flops_per_token": model.flops_per_token(cfg.model.context)}
