@@ -51,6 +51,8 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
          state: dict[str, Any], keep_last: int) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep_last`."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_root.glob(".tmp-step_*"):  # left by a process killed mid-write (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=ckpt_root))
     try:
