@@ -6,6 +6,7 @@ Errors a user can cause (a `ScalelabError`, or a bad flag) end with one line on 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,13 +18,15 @@ try:  # typer >= 0.26 vendors its own click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
-from scalelab.errors import ScalelabError
+from scalelab.errors import ConfigError, ScalelabError
 from scalelab.horizon import horizon_command
+from scalelab.scaling import sweep_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="scalelab: a hackable lab for how language models scale.")
 app.command("horizon", help="METR-style time horizons from a runs file: fits, bootstrap CIs, doubling time, report.")(
     horizon_command)
+app.add_typer(sweep_app, name="sweep")
 
 
 def _setup_logging(quiet: bool = False) -> None:
@@ -47,14 +50,19 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<recipe name>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    strategy: Annotated[Optional[str], typer.Option(
+        help="single | ddp | diloco (= --set distributed.strategy=...; ddp and diloco run under torchrun)")] = None,
 ) -> None:
     """Train a model from a recipe into a run directory."""
     from scalelab import config, report, train as trainmod
+    from scalelab.distributed import env_rank
 
     _setup_logging()
-    cfg = config.load(recipe, set_)
+    cfg = config.load(recipe, [*(set_ or []), *([f"distributed.strategy={strategy}"] if strategy else [])])
     run_dir = out or Path("runs") / cfg.name
     summary = trainmod.train(cfg, run_dir, resume=resume, progress=not quiet)
+    if env_rank() != 0:  # under torchrun, rank 0 writes the report and speaks
+        return
     path = report.run_report(run_dir)
     typer.echo(f"val loss {summary['val_loss']:.4f} nats/token, {summary['val_bpb']:.4f} bits/byte; report: {path}")
 
@@ -148,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command.main(args=argv, prog_name="scalelab", standalone_mode=False)
     except ScalelabError as e:
+        # Under torchrun, rank 0 speaks: a PeerError is rank 0's error mirrored here, and a config error is the
+        # same on every rank. Other errors (this rank's own, e.g. a timeout) are printed by the rank that had them.
+        if getattr(e, "printed_by_rank0", False) or (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0"):
+            sys.exit(2)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except click_exc.NoArgsIsHelpError as e:

@@ -90,18 +90,39 @@ class DiffusionConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Training strategies (scalelab/distributed.py). ddp and diloco run under torchrun."""
+
+    strategy: str = "single"  # single | ddp | diloco
+    replicas: int = 0  # DiLoCo M; 0 = one replica per process. The world size must be a multiple of it
+    inner_steps: int = 30  # DiLoCo H (the scaling-laws paper's default; the original paper used 500)
+    outer_lr: float = 0.7  # outer SGD learning rate (Douillard et al. 2023: 0.7 is "very robust")
+    outer_momentum: float = 0.9  # 0 = plain outer SGD (lr 1 and momentum 0 = parameter averaging)
+    nesterov: bool = True
+    link_gbps: float = 0.0  # > 0: sleep as a link of this bandwidth would for the slow (cross-replica) traffic
+    link_latency_ms: float = 0.0  # per collective on the simulated link
+    backend: str = "auto"  # auto (gloo for CPU tensors, NCCL for CUDA tensors) | gloo | nccl
+    timeout_s: float = 300.0  # process-group formation and collective timeout
+    fault_tolerance: str = "none"  # none | torchft (replica groups survive without restarts; torchft-nightly)
+    lighthouse: str = ""  # torchft Lighthouse address; "" = $TORCHFT_LIGHTHOUSE
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "diffusion": DiffusionConfig}
+
+SECTIONS["distributed"] = DistributedConfig
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -236,6 +257,7 @@ def validate(cfg: Config) -> None:
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _validate_diffusion(cfg)
+    _validate_distributed(cfg)
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
 
@@ -271,6 +293,28 @@ def _validate_diffusion(cfg: Config) -> None:
     need(d.search_after >= 0 and d.search_batches >= 0, "diffusion.search_after and search_batches must be >= 0")
     need(0 < d.top_p <= 1, f"diffusion.top_p must be in (0, 1], got {d.top_p}")
     parse_widths(d.search_widths)
+
+
+def _validate_distributed(cfg: Config) -> None:
+    d = cfg.distributed
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(d.strategy in ("single", "ddp", "diloco"), f"distributed.strategy must be single, ddp or diloco, got {d.strategy!r}")
+    need(d.inner_steps >= 1, f"distributed.inner_steps (H) must be >= 1, got {d.inner_steps}")
+    need(d.outer_lr > 0, f"distributed.outer_lr must be > 0, got {d.outer_lr}")
+    need(0 <= d.outer_momentum < 1, f"distributed.outer_momentum must be in [0, 1), got {d.outer_momentum}")
+    need(d.replicas >= 0, f"distributed.replicas must be >= 0 (0 = one per process), got {d.replicas}")
+    need(d.link_gbps >= 0, f"distributed.link_gbps must be >= 0 (0 = no simulated link), got {d.link_gbps}")
+    need(d.link_latency_ms >= 0, f"distributed.link_latency_ms must be >= 0, got {d.link_latency_ms}")
+    need(d.backend in ("auto", "gloo", "nccl"), f"distributed.backend must be auto, gloo or nccl, got {d.backend!r}")
+    need(d.timeout_s > 0, f"distributed.timeout_s must be > 0, got {d.timeout_s}")
+    need(d.fault_tolerance in ("none", "torchft"),
+         f"distributed.fault_tolerance must be none or torchft, got {d.fault_tolerance!r}")
+    need(d.fault_tolerance == "none" or d.strategy == "diloco",
+         "distributed.fault_tolerance=torchft needs distributed.strategy=diloco")
 
 
 def to_toml(cfg: Config) -> str:

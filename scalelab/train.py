@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from scalelab import checkpoint, config as configmod, data as datamod, diffusion
+from scalelab import checkpoint, config as configmod, data as datamod, diffusion, distributed
 from scalelab.config import Config
 from scalelab.errors import ConfigError, ScalelabError
 from scalelab.model import Transformer, loss_fn
@@ -102,48 +102,64 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train `cfg` into `run_dir`; return a summary (final val loss, bits per byte, speed)."""
-    run_dir = Path(run_dir)
+    """Train `cfg` into `run_dir`; return a summary (final val loss, bits per byte, speed).
+
+    [distributed] `cfg.distributed.strategy` (single | ddp | diloco, see distributed.py) is applied to the loop
+    through the hooks marked `[distributed]`; ddp and diloco join torchrun's process group here.
+    """
+    with distributed.running(cfg) as strat:
+        return _train(cfg, Path(run_dir), resume, progress, strat)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: distributed.Strategy) -> dict[str, Any]:
     ckpt_root = run_dir / "checkpoints"
     cfg_path = run_dir / "config.toml"
-    if resume and not cfg_path.is_file():
-        log.info(f"nothing to resume in {run_dir}; starting a new run")
-        resume = False
-    if resume:
-        saved = configmod.load(cfg_path)
-        for section in ("model", "data"):
-            mine, theirs = getattr(cfg, section), getattr(saved, section)
-            if section == "model":
-                mine.vocab_size = theirs.vocab_size
-            if mine != theirs:
-                diff = [k for k in vars(mine) if getattr(mine, k) != getattr(theirs, k)]
-                raise ConfigError(f"cannot resume {run_dir} with a different {section} config "
-                                  f"(changed: {', '.join(f'{section}.{k}' for k in diff)})")
-        if cfg.diffusion.block_size != saved.diffusion.block_size:
-            raise ConfigError(f"cannot resume {run_dir} with a different diffusion.block_size "
-                              f"({saved.diffusion.block_size} -> {cfg.diffusion.block_size})")
-    elif checkpoint.list_checkpoints(ckpt_root) or cfg_path.is_file():
-        raise ScalelabError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    _check_writable(run_dir)
+
+    def decide(resume: bool) -> bool:
+        if resume and not cfg_path.is_file():
+            log.info(f"nothing to resume in {run_dir}; starting a new run")
+            resume = False
+        if resume:
+            saved = configmod.load(cfg_path)
+            for section in ("model", "data"):
+                mine, theirs = getattr(cfg, section), getattr(saved, section)
+                if section == "model":
+                    mine.vocab_size = theirs.vocab_size
+                if mine != theirs:
+                    diff = [k for k in vars(mine) if getattr(mine, k) != getattr(theirs, k)]
+                    raise ConfigError(f"cannot resume {run_dir} with a different {section} config "
+                                      f"(changed: {', '.join(f'{section}.{k}' for k in diff)})")
+            if cfg.diffusion.block_size != saved.diffusion.block_size:
+                raise ConfigError(f"cannot resume {run_dir} with a different diffusion.block_size "
+                                  f"({saved.diffusion.block_size} -> {cfg.diffusion.block_size})")
+        elif checkpoint.list_checkpoints(ckpt_root) or cfg_path.is_file():
+            raise ScalelabError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        _check_writable(run_dir)
+        return resume
+
+    resume = strat.on_writer(lambda: decide(resume))  # [distributed] rank 0 decides; the others follow
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
 
-    prepared = datamod.prepare(cfg.data, log=log.info)
-    device = resolve_device(cfg.train.device)
+    prepared = strat.writer_first(lambda: datamod.prepare(cfg.data, log=log.info))  # [distributed] one cache
+    device = strat.device(resolve_device(cfg.train.device))  # [distributed] cuda:LOCAL_RANK under torchrun
     # BD3-LM hook (scalelab/diffusion.py): its loss, NELBO eval and (β, ω) search; the model gets a [MASK] id.
     bd3 = diffusion.BD3Objective(cfg) if cfg.diffusion.block_size else None
     model = build_model(cfg, prepared.meta["vocab_size"] + (1 if bd3 else 0)).to(device)
     optimizer = make_optimizer(model, cfg.train)
+    strat.setup(model, optimizer)  # [distributed] DDP wrapper / DiLoCo global copy and outer optimizer
     # bf16 autocast on GPU only: CPU runs stay fp32 and bitwise reproducible.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
     t = cfg.train
-    batches = datamod.Batches(prepared.tokens("train"), cfg.model.context, t.batch_size, t.seed)
+    # [distributed] train.batch_size is the global batch; this process reads its 1/world share of it
+    batches = datamod.Batches(prepared.tokens("train"), cfg.model.context, t.batch_size // strat.data_world, t.seed,
+                              strat.data_rank, strat.data_world)
     val = datamod.eval_batches(prepared.tokens("val"), cfg.model.context, t.batch_size, t.eval_batches)
     bpt = prepared.bytes_per_token("val")
 
     start, tokens_seen, elapsed = 0, 0, 0.0
-    if resume and (ck := checkpoint.latest(ckpt_root)) is not None:
-        state = checkpoint.load(ck, model, optimizer)
+    if resume and (ck := strat.on_writer(lambda: checkpoint.latest(ckpt_root))) is not None:
+        state = strat.load(ck, model, optimizer)  # [distributed] DiLoCo: global model + outer state + inner state
         checkpoint.set_rng_state(state["rng"])
         batches.load_state(state["data"])
         start, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
@@ -152,25 +168,27 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             bd3.load_state(state.get("diffusion"))
     elif bd3 is not None:
         bd3.init_weights(model)
-    _truncate_metrics(run_dir / "metrics.jsonl", start)
-    write_atomic(cfg_path, configmod.to_toml(cfg))
-    # The run directory is self-contained: sampling and reports need no data cache.
-    write_atomic(run_dir / "tokenizer.json", prepared.tokenizer_path.read_text())
-    write_atomic(run_dir / "data.json", json.dumps(prepared.meta, indent=2))
+    if strat.is_writer:  # [distributed] rank 0 writes the run directory
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        write_atomic(cfg_path, configmod.to_toml(cfg))
+        # The run directory is self-contained: sampling and reports need no data cache.
+        write_atomic(run_dir / "tokenizer.json", prepared.tokenizer_path.read_text())
+        write_atomic(run_dir / "data.json", json.dumps(prepared.meta, indent=2))
 
-    fwd = torch.compile(model) if t.compile else model
+    fwd = torch.compile(strat.wrap(model)) if t.compile else strat.wrap(model)  # [distributed] e.g. DDP(model)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
     flops_per_step = model.flops_per_token(cfg.model.context) * tokens_per_step
     if bd3 is not None and cfg.diffusion.block_size < cfg.model.context:
         flops_per_step *= 2  # BD3-LM trains on x_t ⊕ x, 2L tokens
-    metrics = open(run_dir / "metrics.jsonl", "a")
+    metrics = open(run_dir / "metrics.jsonl", "a") if strat.is_writer else None
 
     def emit(rec: dict) -> None:
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
 
-    def save(step: int) -> None:
-        checkpoint.save(ckpt_root, step, model, optimizer,
+    def save(step: int, module: torch.nn.Module = model, optim: torch.optim.Optimizer = optimizer) -> None:
+        checkpoint.save(ckpt_root, step, module, optim,
                         {"config": cfg.to_dict(), "data": batches.state(), "rng": checkpoint.rng_state(),
                          "tokens": tokens_seen, "elapsed": elapsed, **({"diffusion": bd3.state()} if bd3 else {})},
                         t.keep_last)
@@ -178,7 +196,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     last_val = None
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                   TimeRemainingColumn(), disable=not progress, transient=False)
+                   TimeRemainingColumn(), disable=not progress or not strat.is_writer, transient=False)
     model.train()
     with bar:
         task = bar.add_task(cfg.name, total=t.max_steps, completed=start, loss="-", tps="-")
@@ -191,17 +209,17 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
             step_loss = 0.0
             for micro in range(t.grad_accum):
                 x, y = batches.next()
-                with autocast:
-                    if bd3 is not None:  # BD3-LM: NELBO over x (noise seeded by seed, step, micro)
-                        loss = bd3.loss(fwd, x.to(device, non_blocking=True), step, micro) / t.grad_accum
-                    else:
-                        loss = loss_fn(fwd(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)) / t.grad_accum
-                loss.backward()
+                with strat.no_sync(micro < t.grad_accum - 1):  # [distributed] DDP reduces on the last micro-batch
+                    with autocast:
+                        if bd3 is not None:  # BD3-LM: NELBO over x (noise seeded by seed, step, micro)
+                            loss = bd3.loss(fwd, x.to(device, non_blocking=True), step, micro) / t.grad_accum
+                        else:
+                            loss = loss_fn(fwd(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)) / t.grad_accum
+                    loss.backward()
                 step_loss += loss.item()
             gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item() if t.grad_clip
                      else math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            strat.optimizer_step(optimizer, step + 1, t.max_steps)  # [distributed] step + DiLoCo outer sync
             if not math.isfinite(step_loss):
                 raise ScalelabError(f"loss became {step_loss} at step {step + 1}; lower train.lr or raise warmup")
             dt = time.perf_counter() - t0
@@ -213,24 +231,28 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
                 emit({"step": done, "tokens": tokens_seen, "lr": lr, "loss": window_loss / window_steps,
                       "grad_norm": gnorm, "step_time": window_time / window_steps,
                       "tok_per_s": tokens_per_step * window_steps / window_time,
-                      "flops_per_s": flops_per_step * window_steps / window_time, "elapsed": elapsed})
+                      "flops_per_s": flops_per_step * window_steps / window_time, "elapsed": elapsed,
+                      **strat.metrics()})  # [distributed] bytes communicated (nothing for single)
                 bar.update(task, loss=f"{window_loss / window_steps:.3f}",
                            tps=f"{tokens_per_step * window_steps / window_time:,.0f}")
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
-            if done % t.eval_every == 0 or done == t.max_steps:
-                last_val = bd3.evaluate(model, val) if bd3 is not None else evaluate(model, val)
-                search = (bd3.search(model, val, done) if bd3 is not None else None) or {}  # BD3: (β, ω)
+            if (done % t.eval_every == 0 or done == t.max_steps) and strat.is_writer:
+                emodel = strat.eval_model(model)  # [distributed] DiLoCo: the global model
+                last_val = bd3.evaluate(emodel, val) if bd3 is not None else evaluate(emodel, val)
+                search = (bd3.search(emodel, val, done) if bd3 is not None else None) or {}  # BD3: (β, ω)
                 emit({"step": done, "tokens": tokens_seen, "val_loss": last_val,
                       "val_bpb": last_val / math.log(2) / bpt, **search})
-            if done % t.ckpt_every == 0 or done == t.max_steps:
-                save(done)
+            if strat.checkpoint_due(done, t.ckpt_every, t.max_steps):  # [distributed] DiLoCo: at outer steps
+                strat.save(done, ckpt_root, model, optimizer, save)
             bar.update(task, completed=done)
-    metrics.close()
-    if last_val is None:  # resumed a finished run: report its last evaluation
-        last_val = bd3.evaluate(model, val) if bd3 is not None else evaluate(model, val)
+    if metrics is not None:
+        metrics.close()
+    if last_val is None:  # resumed a finished run: report its last evaluation ([distributed] rank 0 only)
+        emodel = strat.eval_model(model)
+        last_val = (bd3.evaluate(emodel, val) if bd3 is not None else evaluate(emodel, val)) if strat.is_writer else math.nan
     return {"val_loss": last_val, "val_bpb": last_val / math.log(2) / bpt, "steps": t.max_steps,
             "tokens": tokens_seen, "elapsed": elapsed, "params": model.num_params(),
-            "flops_per_token": model.flops_per_token(cfg.model.context)}
+            "flops_per_token": model.flops_per_token(cfg.model.context), **strat.summary()}
 
 
 def load_run(run_dir: Path) -> tuple[Config, Transformer]:
