@@ -151,6 +151,98 @@ def reproduce(
     typer.echo(f"report card: {path}")
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="text to continue (with --chat: the user message)")],
+    model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
+    base_url: Annotated[Optional[str], typer.Option(help="use an OpenAI-compatible server instead, e.g. "
+                                                      "http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)")] = None,
+    n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per sample")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass; 1 = off")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    seed: Annotated[int, typer.Option(help="sample i uses engine.sample_seed(seed, i)")] = 0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="wrap the prompt in the model's chat template")] = True,
+    dtype: Annotated[str, typer.Option(help="float32 (default) or bfloat16 (faster, changes answers)")] = "float32",
+) -> None:
+    """Sample n completions of one prompt from a local model or an OpenAI-compatible server."""
+    from scalelab.backends import make_backend
+    from scalelab.engine import SamplingParams
+
+    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=stop or [])
+    params.validate()
+    if dtype == "bfloat16":
+        print(BF16_WARNING, file=sys.stderr)
+    backend = make_backend(model, base_url) if base_url else make_backend(model, dtype=dtype)
+    r = backend.chat([{"role": "user", "content": prompt}], params) if chat else backend.complete(prompt, params)
+    for i, c in enumerate(r.choices):
+        if n > 1:
+            typer.echo(f"--- sample {i + 1} ({c.finish_reason}) ---")
+        typer.echo(c.text if chat else prompt + c.text)
+    print(f"[{r.prompt_tokens} prompt + {r.completion_tokens} completion tokens]", file=sys.stderr)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
+    system: Annotated[Optional[str], typer.Option(help="system message")] = None,
+    max_tokens: Annotated[int, typer.Option(help="new tokens per reply")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass; 1 = off")] = 0.95,
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 (default) or bfloat16 (faster, changes answers)")] = "float32",
+) -> None:
+    """Talk to a local model, streaming its replies (empty line or Ctrl-D ends)."""
+    from scalelab.backends import LocalBackend
+    from scalelab.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params.validate()
+    if dtype == "bfloat16":
+        print(BF16_WARNING, file=sys.stderr)
+    backend = LocalBackend(model, dtype=dtype)
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = backend.encode(backend.chat_prompt(messages), bos=False)
+        reply = ""
+        print("bot> ", end="", flush=True)
+        for deltas in backend.stream_ids(ids, params):
+            for d in deltas:
+                reply += d.text
+                print(d.text, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+        params.seed = (params.seed or 0) + 1
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8000,
+    dtype: Annotated[str, typer.Option(help="float32 (default) or bfloat16 (faster, changes answers)")] = "float32",
+) -> None:
+    """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming)."""
+    from scalelab.serve import serve as serve_fn
+
+    if dtype == "bfloat16":
+        print(BF16_WARNING, file=sys.stderr)
+    serve_fn(model, port=port, dtype=dtype)
+
+
+BF16_WARNING = ("warning: bfloat16 roughly doubles CPU decode speed but moves SmolLM2's logits by up to ~1.2 and "
+                "changed 27 of 50 greedy answers in a check on this machine; float32 is the reference")
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
