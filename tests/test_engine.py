@@ -1,0 +1,164 @@
+"""Engine contracts: KV-cache decoding equals full recomputation, shared-prefix sampling equals independent
+sampling with the same seeds, prefix cache reuse, logprobs and continuation scores equal a full forward's
+log-softmax, stop ids/strings, token accounting, bad parameters."""
+
+import pytest
+import torch
+
+from scalelab.config import ModelConfig
+from scalelab.engine import Engine, SamplingParams, _safe_text_end, sample_seed
+from scalelab.errors import ScalelabError
+from scalelab.model import Transformer
+from scalelab.tokenizer import train_bpe
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
+         "import os\nprint(os.getcwd())\n", "Paris is the capital of France."] * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(TEXTS, 300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), context=96, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
+                      tie_embeddings=False)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # sharper distributions than N(0, 0.02) weights give, so greedy has no near-ties
+        m.lm_head.weight.mul_(8)
+    return m
+
+
+def full_logp(model, seq):
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([seq])).float(), -1)[0]
+
+
+def test_kv_decode_equals_full_recomputation(model):
+    eng = Engine(model, prefix_cache=0)
+    prompt = [5, 17, 42, 7, 99, 3]
+    c = eng.generate(prompt, SamplingParams(max_tokens=40, temperature=0, logprobs=True)).completions[0]
+    seq = list(prompt)
+    for t, lp in zip(c.tokens, c.logprobs):
+        logp = full_logp(model, seq)[-1]
+        assert t == int(logp.argmax())
+        assert abs(lp - logp[t].item()) < 1e-4
+        seq.append(t)
+    assert len(c.tokens) == 40 and c.finish_reason == "length"
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (20, 0.9)])
+def test_shared_prefix_sampling_equals_independent(model, top_k, top_p):
+    prompt = [11, 12, 13, 14, 15, 16, 17]
+    # frequent stop ids make rows finish at different steps, which exercises dropping finished rows
+    params = dict(max_tokens=25, temperature=1.0, top_k=top_k, top_p=top_p, logprobs=True,
+                  stop_ids=list(range(0, 300, 12)))
+    batch = Engine(model).generate(prompt, SamplingParams(n=8, seed=123, **params))
+    lengths = {len(c.tokens) for c in batch.completions}
+    assert len(lengths) > 1
+    for i, c in enumerate(batch.completions):
+        alone = Engine(model, prefix_cache=0).generate(
+            prompt, SamplingParams(n=1, seed=sample_seed(123, i), **params)).completions[0]
+        assert c.tokens == alone.tokens and c.finish_reason == alone.finish_reason
+        assert max(abs(a - b) for a, b in zip(c.logprobs, alone.logprobs)) < 1e-4
+    assert sample_seed(123, 0) == 123
+    again = Engine(model).generate(prompt, SamplingParams(n=8, seed=123, **params))
+    assert [c.tokens for c in again.completions] == [c.tokens for c in batch.completions]
+
+
+def test_prefix_cache_reuse(model):
+    eng = Engine(model, prefix_cache=4)
+    fresh = Engine(model, prefix_cache=0)
+    base = list(range(20, 50))
+    p = SamplingParams(max_tokens=12, temperature=0, logprobs=True)
+    first = eng.generate(base, p)
+    assert first.cached_tokens == 0
+    longer = base + [7, 8, 9]
+    second = eng.generate(longer, p)
+    assert second.cached_tokens == len(base)
+    ref = fresh.generate(longer, p)
+    assert second.completions[0].tokens == ref.completions[0].tokens
+    assert max(abs(a - b) for a, b in zip(second.completions[0].logprobs, ref.completions[0].logprobs)) < 1e-4
+    same = eng.generate(base, p)  # the same prompt again: all but its last token come from the cache
+    assert same.cached_tokens == len(base) - 1
+    assert same.completions[0].tokens == first.completions[0].tokens
+
+
+def test_score_equals_full_forward(model):
+    eng = Engine(model)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    conts = [[5], [3, 5, 8, 9, 7], [9, 3], [2, 3, 8, 4, 6, 2, 6, 4]]
+    for _ in range(2):  # cold, then with the prompt in the prefix cache
+        scores = eng.score(prompt, conts)
+        for c, s in zip(conts, scores):
+            logp = full_logp(model, prompt + c)
+            ref = [logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(c)]
+            assert abs(s.logprob - sum(ref)) < 1e-4
+            assert all(abs(a - b) < 1e-5 for a, b in zip(s.token_logprobs, ref))
+    one = eng.score([7], [[1, 2]])[0]  # a one-token prompt has no shared prefix to prefill
+    logp = full_logp(model, [7, 1, 2])
+    assert abs(one.logprob - (logp[0, 1] + logp[1, 2]).item()) < 1e-4
+
+
+def test_stop_strings_streaming_and_accounting(model, tok):
+    decode = tok.decode
+    eng = Engine(model, decode=decode)
+    prompt = tok.encode("def add(a, b):").ids
+    free = eng.generate(prompt, SamplingParams(max_tokens=30, temperature=0)).completions[0]
+    assert free.text == decode(free.tokens)
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    assert stop and stop in free.text
+    p = SamplingParams(n=3, max_tokens=30, temperature=0, stop=[stop])
+    g = eng.generate(prompt, p)
+    for c in g.completions:
+        assert c.text == free.text[:free.text.index(stop)] and c.finish_reason == "stop"
+    streamed = [""] * 3
+    finished = [None] * 3
+    for deltas in eng.stream(prompt, p):
+        for d in deltas:
+            streamed[d.index] += d.text
+            finished[d.index] = d.finish_reason or finished[d.index]
+    assert streamed == [c.text for c in g.completions] and finished == ["stop"] * 3
+    assert g.prompt_tokens == len(prompt)
+    assert g.completion_tokens == sum(len(c.tokens) for c in g.completions)
+    first = free.tokens[0]  # a stop id that is sampled at once: no tokens, counted as one completion token
+    s = eng.generate(prompt, SamplingParams(n=2, max_tokens=5, temperature=0, stop_ids=[first]))
+    assert [c.tokens for c in s.completions] == [[], []] and s.completion_tokens == 2
+    assert all(c.finish_reason == "stop" for c in s.completions)
+
+
+def test_safe_text_end():
+    assert _safe_text_end("hello wor", ["world"]) == 6
+    assert _safe_text_end("hello", ["xyz"]) == 5
+    assert _safe_text_end("ab\ufffd", []) == 2
+
+
+def test_context_and_bad_params(model):
+    eng = Engine(model)
+    with pytest.raises(ScalelabError, match="context is 96"):
+        eng.generate(list(range(1, 97)), SamplingParams())
+    with pytest.raises(ScalelabError, match="empty"):
+        eng.generate([], SamplingParams())
+    with pytest.raises(ScalelabError, match="outside the vocabulary"):
+        eng.generate([10 ** 6], SamplingParams())
+    g = eng.generate(list(range(1, 91)), SamplingParams(max_tokens=50, temperature=0))
+    assert len(g.completions[0].tokens) == 6 and g.completions[0].finish_reason == "length"  # capped at context
+    for bad in [dict(n=0), dict(max_tokens=0), dict(temperature=-1), dict(temperature=float("nan")), dict(top_p=0),
+                dict(top_p=1.5), dict(top_k=-1), dict(top_logprobs=21), dict(seed=1.5), dict(stop=[""])]:
+        with pytest.raises(ScalelabError):
+            eng.generate([1, 2], SamplingParams(**bad))
+    with pytest.raises(ScalelabError, match="decode callback"):
+        eng.generate([1, 2], SamplingParams(stop=["x"]))
+    with pytest.raises(ScalelabError):
+        eng.score([1, 2], [[]])
+
+
+def test_top_logprobs(model):
+    eng = Engine(model)
+    c = eng.generate([1, 2, 3], SamplingParams(max_tokens=3, temperature=0, top_logprobs=5)).completions[0]
+    logp = full_logp(model, [1, 2, 3])[-1]
+    ids, vals = zip(*c.top_logprobs[0])
+    assert list(ids) == logp.topk(5).indices.tolist()
+    assert ids[0] == c.tokens[0] and abs(vals[0] - logp.max().item()) < 1e-5
