@@ -71,7 +71,9 @@ def under_torchrun() -> bool:
 
 
 def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's global rank; under torchft each replica group is its own job, so its group id counts."""
+    return int(os.environ.get("RANK", "0")) + int(os.environ.get("REPLICA_GROUP_ID", "0")) * int(
+        os.environ.get("WORLD_SIZE", "1"))
 
 
 # --------------------------------------------------------------------------------------------- accounting
@@ -99,8 +101,9 @@ class Traffic:
         if kind in ("grad", "outer"):
             self.window["payload"] += nbytes
             self.window["wire"] += wire
-        if slow and self.link_gbps > 0 and n > 1:
-            self._pending_link += wire * 8 / (self.link_gbps * 1e9) + self.link_latency_ms / 1e3
+        if slow and n > 1 and (self.link_gbps > 0 or self.link_latency_ms > 0):
+            bandwidth_s = wire * 8 / (self.link_gbps * 1e9) if self.link_gbps > 0 else 0.0
+            self._pending_link += bandwidth_s + self.link_latency_ms / 1e3
 
     def settle_link(self) -> float:
         """Sleep for the simulated transfer time accumulated since the last call; return it."""
@@ -170,6 +173,10 @@ class Strategy:
         """The module to call forward on (DDP wraps it to hook its gradients)."""
         return model
 
+    def join(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Any, start: int) -> dict | None:
+        """torchft only: a restarted replica group takes the global state from a live peer; returns its step."""
+        return None
+
     def no_sync(self, accumulating: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
@@ -208,7 +215,7 @@ class _Distributed(Strategy):
         if not under_torchrun():
             raise ScalelabError(f"strategy {self.name} needs torchrun (RANK and WORLD_SIZE are not set): "
                                 f"torchrun --standalone --nproc-per-node N -m scalelab.cli train ...")
-        self.rank, self.world = env_rank(), int(os.environ["WORLD_SIZE"])
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.traffic = Traffic(dcfg.link_gbps, dcfg.link_latency_ms)
         self._check_layout(batch_size)
         self.timeout = datetime.timedelta(seconds=dcfg.timeout_s)
