@@ -183,7 +183,24 @@ the paper.
                    "holds" if holds else "does not hold", body, [])
 
 
+# ------------------------------------------------------------------------------------------------ BD3-LM
+def reproduce_bd3lm(out: Path, quick: bool) -> Section:
+    """Block diffusion (Arriola et al., ICLR 2025): AR vs BD3-LM L′ ∈ {4, 16} vs MDLM at an equal token budget.
+
+    The experiment lives in diffusion_report.py (runs, NELBO/AR evaluation, gen ppl, sampling frontier, plot).
+    """
+    from scalelab import diffusion_report
+
+    r = diffusion_report.run_bd3lm(out, quick)
+    measured, body = diffusion_report.body(r)
+    return Section("bd3lm", "BD3-LM: Block Diffusion (Arriola et al., ICLR 2025)",
+                   "perplexity orders AR ≤ BD3-LM L′=4 ≤ L′=16 ≤ MDLM (Tables 3–4); smaller blocks sample better "
+                   "(Table 7)", measured, "holds" if r["holds"] else "does not hold", body, ["bd3lm.png"])
+
+
 PAPERS: dict[str, Callable[[Path, bool], Section]] = {"dyt": reproduce_dyt, "horizon": reproduce_horizon}
+
+PAPERS["bd3lm"] = reproduce_bd3lm
 
 
 def reproduce(papers: list[str], out: Path, quick: bool = False) -> Path:
