@@ -21,12 +21,14 @@ except ImportError:  # pragma: no cover
 from scalelab.errors import ConfigError, ScalelabError
 from scalelab.horizon import horizon_command
 from scalelab.scaling import sweep_app
+from scalelab.search_report import search_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="scalelab: a hackable lab for how language models scale.")
 app.command("horizon", help="METR-style time horizons from a runs file: fits, bootstrap CIs, doubling time, report.")(
     horizon_command)
 app.add_typer(sweep_app, name="sweep")
+app.add_typer(search_app, name="search")
 
 
 def _setup_logging(quiet: bool = False) -> None:

@@ -310,22 +310,23 @@ class ChatFormat:
 
 
 class SudokuFormat:
-    """The compact formats of the Sudoku model trained here (`prompts/sudoku-model-v1.txt`): solve, verify
-    (rewrite as row/column/box lemmas with their checks, then Y/N) and compare (divergent cells, then A/B)."""
+    """The one-line formats of the Sudoku model trained here (`prompts/sudoku-model-v1.txt`, built by
+    `sudoku_model.py`): solve, verify (rewrite as row/column/box lemmas with their checks, then Y/N) and
+    compare (the cells where the two diverge, then A/B). A newline ends every answer."""
 
     yes, no = "Y", "N"
     files = ["sudoku-model-v1.txt"]
-    stop: list[str] = []
+    stop = ["\n"]
 
     @staticmethod
     def cand(response: str) -> str:
-        return (response.strip().split("\n") or [""])[0][:40]
+        return (response.strip().split("\n") or [""])[0].split(" ")[0][:24]
 
     def solve(self, p) -> Prompt:
-        return f"Q{p.question}\nA"
+        return f"\nQ{p.question} S"
 
     def verify(self, p, response) -> Prompt:
-        return f"Q{p.question}\nC{self.cand(response)}\nV"
+        return f"\nQ{p.question} C{self.cand(response)} V"
 
     def parse_verdict(self, text: str) -> int | None:
         t = text.strip()
@@ -338,7 +339,7 @@ class SudokuFormat:
         return self.verify(p, response) + t.rstrip() + " "
 
     def compare(self, p, a, b) -> Prompt:
-        return f"Q{p.question}\nA{self.cand(a)}\nB{self.cand(b)}\nW"
+        return f"\nQ{p.question} A{self.cand(a)} B{self.cand(b)} W"
 
     def parse_winner(self, text: str) -> str | None:
         t = text.strip()
@@ -733,11 +734,12 @@ def load_config(run_dir: Path) -> SearchConfig:
 def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backend | None = None,
                ver: Backend | None = None, progress: Callable[[int, int], None] | None = None) -> list[ProblemRecord]:
     """The primary run: every problem's samples, verifications and tie-breaks, resumable."""
-    task = prepare_run(cfg, run_dir, resume)
+    cfg.validate()
     if gen is None:
         gen = make_backend(cfg.backend, cfg.retries)
     if ver is None and cfg.verifier != "checker":
         ver = gen if cfg.verifier == "same" else make_backend(cfg.verifier, cfg.retries)
+    task = prepare_run(cfg, run_dir, resume)
     s = Searcher(cfg, run_dir, task, gen, ver, make_format(cfg.prompts))
     out = []
     for n, p in enumerate(task.problems):

@@ -104,22 +104,22 @@ class Scripted:
 
     @staticmethod
     def _solution(prompt):
-        q = prompt.split("\n")[0][1:]
+        q = prompt.strip().split(" ")[0][1:]
         return next(p.answer for p in tasks.sudoku_problems(30, 0, split="test") if p.question == q)
 
     def generate(self, prompt, n, temperature, max_tokens, stop, seed):
         self._tick()
         rng = random.Random(seed)
-        sol, lines = self._solution(prompt), prompt.split("\n")
+        sol, lines = self._solution(prompt), prompt.strip().split(" ")
         outs = []
         for _ in range(n):
-            if prompt.endswith("\nA"):
+            if prompt.endswith(" S"):
                 g = list(sol)
                 if rng.random() > 0.4:
                     i, j = rng.sample([0, 1, 2, 3, 5, 6, 7, 8], 2)
                     g[i], g[j] = g[j], g[i]
                 t = "".join(g)
-            elif prompt.endswith("\nV"):
+            elif prompt.endswith(" V"):
                 ok = lines[1][1:] == sol
                 t = "r+ " + ("Y" if ok == (rng.random() < 0.9) else "N")
             else:
@@ -164,6 +164,10 @@ def test_run_resume_rescore(tmp_path):
     assert acc["Pass@8"] >= acc["Verification@8"] >= 0 and m_full["tiebreaks_played"] >= 1
     assert m_full["verifier_auroc"] > 0.7
     assert m_full["usage"]["generate"]["calls"] == 6
+    from scalelab.search_report import write_report
+
+    rep = write_report(tmp_path / "full").read_text()
+    assert "Table 1" in rep and (tmp_path / "full" / "curves.png").is_file() and "sudoku-model-v1" in rep
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):

@@ -1,0 +1,210 @@
+"""A small Transformer that solves 4×4 Sudoku and verifies its own answers, trained here by the core trainer.
+
+Issue 7, item 6: the embedded SmolLM2-135M cannot verify itself (its P("Yes") is near chance), so the central
+mechanism of SSS (Zhao et al. 2025, §1-§3) cannot be shown with it. This module builds a model that can, on a
+task where checking is easier than solving: a wrong grid that keeps the clues of a uniquely solvable puzzle
+must repeat a digit in some row, column or box.
+
+The recipe:
+- Round 0: the model learns to solve (`Q{puzzle} S{solution}` lines, puzzles from the train split only; the
+  test split, 1 puzzle in 10 by hash, is never trained on).
+- Rounds 1..R: the current model samples k solutions to fresh training puzzles at T = 1; the programmatic
+  checker labels them; training continues on a mix of solving lines, balanced Y/N verification lines about
+  the model's own candidates, and comparison lines (one correct and one wrong candidate of the same puzzle,
+  in random order). Solving lines stay a large share of every round so that the output format (the grid
+  shape and the newline that ends an answer) survives as verification grows.
+- The verification line follows the paper's second principle (§3, "rewrite for output-style suitability"):
+  the model first restates the candidate as lemmas (every row, column and box with its own check, then the
+  clues) and only then gives the verdict, so the verdict conditions on local checks it has written out.
+  The comparison line follows the first principle: it lists the cells where the two answers diverge, then
+  names the correct one.
+
+Training uses `train.train` unchanged: each round writes the corpus file (one example per line, byte-level
+vocabulary of 257 so the tokenizer is the same every round) and resumes the same run directory with more
+steps; the learning-rate schedule therefore restarts its cosine at each round (warm restarts). Everything is
+seeded; every round's corpus and statistics are kept in the output directory, and finished rounds are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from scalelab import config as configmod, tasks
+from scalelab.errors import ScalelabError
+
+log = logging.getLogger("scalelab")
+
+
+# ------------------------------------------------------------------------------------------- formats
+def rewrite(puzzle: str, cand: str) -> tuple[str, bool]:
+    """The candidate as lemmas with their checks, and whether it is correct (the checker's verdict)."""
+    g = tasks.text_to_grid(cand, 4)
+    puz = tasks.text_to_grid(puzzle, 4)
+    if g is None or any(not 1 <= d <= 4 for d in g):
+        return "x", False
+    rows = [g[4 * r:4 * r + 4] for r in range(4)]
+    cols = [g[c::4] for c in range(4)]
+    boxes = [[g[(r0 + a) * 4 + c0 + b] for a in range(2) for b in range(2)] for r0 in (0, 2) for c0 in (0, 2)]
+
+    def part(tag: str, groups) -> str:
+        return tag + "".join("".join(map(str, x)) + ("+" if len(set(x)) == 4 else "-") for x in groups)
+
+    kept = all(p == 0 or p == d for p, d in zip(puz, g))
+    text = part("r", rows) + part("c", cols) + part("b", boxes) + ("k+" if kept else "k-")
+    return text, tasks.sudoku_valid(puz, g, 4)
+
+
+def solve_line(p: tasks.Problem) -> str:
+    return f"Q{p.question} S{p.answer}"
+
+
+def verify_line(puzzle: str, cand: str) -> tuple[str, bool]:
+    rw, ok = rewrite(puzzle, cand)
+    return f"Q{puzzle} C{cand} V{rw} {'Y' if ok else 'N'}", ok
+
+
+def divergences(a: str, b: str, limit: int = 6) -> str:
+    ga, gb = a.replace("/", ""), b.replace("/", "")
+    cells = [f"{i // 4 + 1}{i % 4 + 1}:{x}|{y}" for i, (x, y) in enumerate(zip(ga, gb)) if x != y]
+    return " ".join(cells[:limit]) + (" +" if len(cells) > limit else "")
+
+
+def compare_line(puzzle: str, a: str, b: str, a_correct: bool) -> str:
+    return f"Q{puzzle} A{a} B{b} W{divergences(a, b)} {'A' if a_correct else 'B'}"
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class SVConfig:
+    d_model: int = 192
+    n_layer: int = 4
+    n_head: int = 6
+    n_kv_head: int = 3
+    context: int = 128
+    batch_size: int = 32
+    lr: float = 3e-3
+    solve_steps: int = 700  # round 0
+    rounds: int = 3
+    round_steps: int = 250
+    sample_puzzles: int = 300  # fresh training puzzles sampled per round
+    k_sample: int = 8
+    temperature: float = 1.0
+    solve_share: float = 0.45  # of a round's lines; the rest is verification (~75%) and comparison (~25%)
+    lines_per_step: int = 60  # corpus size: about this many lines per training step
+    seed: int = 0
+    threads: int = 0
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> SVConfig:
+        return cls(d_model=128, n_layer=2, n_head=4, n_kv_head=2, batch_size=16, solve_steps=60, rounds=1,
+                   round_steps=30, sample_puzzles=24, k_sample=4, seed=seed)
+
+
+def trainer_config(sv: SVConfig, corpus: Path, cache: Path, max_steps: int, name: str) -> configmod.Config:
+    cfg = configmod.Config(name=name)
+    m, d, t = cfg.model, cfg.data, cfg.train
+    m.d_model, m.n_layer, m.n_head, m.n_kv_head, m.context = sv.d_model, sv.n_layer, sv.n_head, sv.n_kv_head, sv.context
+    d.corpus, d.vocab_size, d.val_fraction, d.cache_dir = str(corpus), 257, 0.02, str(cache)
+    t.batch_size, t.lr, t.max_steps, t.seed, t.threads = sv.batch_size, sv.lr, max_steps, sv.seed, sv.threads
+    t.warmup_steps = min(50, max_steps // 10)
+    t.eval_every = t.ckpt_every = max(10, min(100, max_steps // 4))
+    t.eval_batches, t.log_every, t.device = 4, 10, "cpu"
+    configmod.validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+def _sample_round(run: Path, puzzles: list[tasks.Problem], sv: SVConfig, rnd: int) -> list[tuple[tasks.Problem, list[str]]]:
+    from scalelab.search import LocalBackend, SudokuFormat, derive_seed
+
+    be, fmt = LocalBackend.from_spec(f"run:{run}"), SudokuFormat()
+    out = []
+    for p in puzzles:
+        r = be.generate(fmt.solve(p), sv.k_sample, sv.temperature, 24, fmt.stop, derive_seed(sv.seed, f"r{rnd}:{p.id}"))
+        out.append((p, [fmt.cand(o.text) for o in r.outputs]))
+    return out
+
+
+def build_round_corpus(samples, fresh: list[tasks.Problem], n_lines: int, share: float, rng: random.Random) -> tuple[list[str], dict]:
+    """Solving lines + balanced Y/N verification lines on the model's own candidates + comparison lines."""
+    yes, no, comps = [], [], []
+    n_ok = n_bad = n_malformed = 0
+    for p, cands in samples:
+        right = [c for c in cands if tasks.sudoku_valid(tasks.text_to_grid(p.question, 4), tasks.text_to_grid(c, 4), 4)]
+        wrong = [c for c in cands if c not in right]
+        n_ok, n_bad = n_ok + len(right), n_bad + len(wrong)
+        n_malformed += sum(tasks.text_to_grid(c, 4) is None for c in cands)
+        for c in cands:
+            line, ok = verify_line(p.question, c)
+            (yes if ok else no).append(line)
+        # a correct candidate: the model's own if it found one, else the reference (keeps comparisons balanced)
+        good = right[0] if right else p.answer
+        for w in set(wrong):
+            if tasks.text_to_grid(w, 4) is None:
+                continue
+            comps.append(compare_line(p.question, good, w, True) if rng.random() < 0.5
+                         else compare_line(p.question, w, good, False))
+        if not right:  # the reference answer as a Y example, so that Y is never only the easy puzzles
+            yes.append(verify_line(p.question, p.answer)[0])
+    n_ver = int(n_lines * (1 - share) * 0.75)
+    n_cmp = int(n_lines * (1 - share)) - n_ver
+    half = n_ver // 2
+    ver = [rng.choice(yes) for _ in range(half)] + [rng.choice(no) for _ in range(n_ver - half)] if yes and no else []
+    cmp_ = [rng.choice(comps) for _ in range(n_cmp)] if comps else []
+    solve = [solve_line(fresh[i % len(fresh)]) for i in range(n_lines - len(ver) - len(cmp_))]
+    lines = solve + ver + cmp_
+    rng.shuffle(lines)
+    stats = {"samples": n_ok + n_bad, "sample_accuracy": n_ok / max(1, n_ok + n_bad),
+             "malformed": n_malformed / max(1, n_ok + n_bad), "yes_pool": len(yes), "no_pool": len(no),
+             "compare_pool": len(comps), "lines": {"solve": len(solve), "verify": len(ver), "compare": len(cmp_)}}
+    return lines, stats
+
+
+def train_sudoku_model(out: Path, sv: SVConfig, progress: bool = False) -> Path:
+    """Train (or finish training) the self-verifying Sudoku model into `out`; returns its run directory."""
+    from scalelab.train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run, corpus, cache = out / "model", out / "corpus.txt", out / "cache"
+    state_path = out / "rounds.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"config": asdict(sv), "rounds": []}
+    if state["config"] != asdict(sv):
+        raise ScalelabError(f"{out} holds a Sudoku model trained with other settings; choose another directory")
+    rng = random.Random(f"sv-{sv.seed}")
+    n_solve = sv.solve_steps * 8
+    pool = tasks.sudoku_problems(n_solve + sv.rounds * sv.sample_puzzles, seed=1000 + sv.seed, split="train")
+    solve_pool, fresh_pool = pool[:n_solve], pool[n_solve:]  # sampled puzzles are new to the model
+    steps = 0
+    for rnd in range(sv.rounds + 1):
+        steps += sv.solve_steps if rnd == 0 else sv.round_steps
+        if rnd < len(state["rounds"]):
+            continue
+        round_corpus = out / f"corpus-r{rnd}.txt"
+        stats: dict = {"round": rnd, "steps": steps}
+        if not round_corpus.is_file():
+            n_lines = (sv.solve_steps if rnd == 0 else sv.round_steps) * sv.lines_per_step
+            if rnd == 0:
+                lines = [solve_line(solve_pool[i % len(solve_pool)]) for i in range(n_lines)]
+                rng.shuffle(lines)
+            else:
+                fresh = fresh_pool[(rnd - 1) * sv.sample_puzzles:rnd * sv.sample_puzzles]
+                samples = _sample_round(run, fresh, sv, rnd)
+                lines, st = build_round_corpus(samples, solve_pool, n_lines, sv.solve_share, rng)
+                stats.update(st)
+            round_corpus.write_text("\n".join(lines) + "\n")
+            (out / f"stats-r{rnd}.json").write_text(json.dumps(stats, indent=2))
+        stats = json.loads((out / f"stats-r{rnd}.json").read_text())
+        corpus.write_text(round_corpus.read_text())
+        log.info(f"Sudoku model round {rnd}: training to step {steps} ({stats.get('lines') or 'solving only'})")
+        summary = train(trainer_config(sv, corpus, cache, steps, f"sudoku-sv-s{sv.seed}"), run, resume=rnd > 0 or
+                        (run / "config.toml").is_file(), progress=progress)
+        stats["val_loss"] = summary["val_loss"]
+        stats["train_seconds"] = summary["elapsed"]
+        state["rounds"].append(stats)
+        state_path.write_text(json.dumps(state, indent=2))
+    return run
