@@ -212,7 +212,8 @@ def create_app(backend: LocalBackend, max_body: int = 1 << 20):
     async def handle(request: Request, chat: bool):
         try:
             body = await read_json(request)
-            params = _params(body, chat)
+            echo_only_request = not chat and body.get("echo") is True and body.get("max_tokens") == 0
+            params = _params(dict(body, max_tokens=1) if echo_only_request else body, chat)
             stream = _get(body, "stream", bool, False)
             if chat:
                 messages = body.get("messages")
@@ -231,7 +232,7 @@ def create_app(backend: LocalBackend, max_body: int = 1 << 20):
                 ids = prompt_ids(body)
                 echo = _get(body, "echo", bool, False)
                 text = body["prompt"] if isinstance(body.get("prompt"), str) else tok.decode(ids)
-                if echo and body.get("max_tokens") == 0:
+                if echo_only_request:
                     check_len(ids, params)
                     return JSONResponse(await run_in_threadpool(echo_only, ids, text, params.logprobs))
             check_len(ids, params)
