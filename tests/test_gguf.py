@@ -173,13 +173,14 @@ def test_greedy_matches_transformers(smol, hf):
     from scalelab.engine import Engine, SamplingParams
 
     hf_model, _ = hf
-    eng = Engine(smol.model, stop_ids=[])
+    eng = Engine(smol.model, stop_ids=[smol.eos_id])
     for p in PROMPTS[:2] + PROMPTS[3:]:
         ids = smol.tokenizer.encode(p).ids
-        ours = eng.generate(ids, SamplingParams(max_tokens=24, temperature=0)).completions[0].tokens
-        with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                    pad_token_id=2)[0, len(ids):].tolist()
+        c = eng.generate(ids, SamplingParams(max_tokens=16, temperature=0)).completions[0]
+        ours = c.tokens + ([smol.eos_id] if c.finish_reason == "stop" else [])
+        with torch.no_grad():  # (pad = eos makes transformers' generate skip EOS, so pad with another id)
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                    eos_token_id=smol.eos_id, pad_token_id=0)[0, len(ids):].tolist()
         assert ours == ref, p
 
 
