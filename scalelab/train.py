@@ -168,6 +168,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
             bd3.load_state(state.get("diffusion"))
     elif bd3 is not None:
         bd3.init_weights(model)
+    if (peer := strat.join(model, optimizer, batches, start)) is not None:  # [distributed] torchft: heal from a peer
+        start = peer["step"]
+        tokens_seen = start * t.batch_size * t.grad_accum * cfg.model.context
     if strat.is_writer:  # [distributed] rank 0 writes the run directory
         _truncate_metrics(run_dir / "metrics.jsonl", start)
         write_atomic(cfg_path, configmod.to_toml(cfg))

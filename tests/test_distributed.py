@@ -299,3 +299,62 @@ def test_a_node_that_cannot_join_times_out_with_one_line(corpus_dir, cache_dir, 
     assert p.returncode == 2 and time.time() - t0 < 45
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not join" in lines[0], p.stderr
+
+
+# ------------------------------------------------------------------------------------------------- torchft
+def test_torchft_replica_group_killed_others_continue_and_it_heals(corpus_dir, cache_dir, tmp_path):
+    """Lighthouse + 2 replica groups (one torchrun job each); SIGKILL group 1: group 0 goes on alone, group 1 is
+    restarted by its torchrun, heals from group 0 and rejoins; both finish. Everything on 127.0.0.1."""
+    pytest.importorskip("torchft")
+    lighthouse = Path(sys.executable).parent / "torchft_lighthouse"
+    if not lighthouse.exists():
+        pytest.skip("torchft_lighthouse not installed")
+    # Long enough for group 1's restart (a few seconds) while group 0 runs alone (~15 ms per step here).
+    steps, H = 1500, 8
+    cfg = sets(corpus_dir, cache_dir, **{"train.max_steps": steps, "train.ckpt_every": 300, "train.eval_every": 750,
+                                         "train.log_every": 4, "distributed.inner_steps": H,
+                                         "distributed.link_latency_ms": 40.0,
+                                         "distributed.timeout_s": 10, "distributed.fault_tolerance": "torchft"})
+    lh_port = free_port()
+    procs = [subprocess.Popen([str(lighthouse), "--bind", f"127.0.0.1:{lh_port}", "--min_replicas", "1",
+                               "--join_timeout_ms", "3000", "--quorum_tick_ms", "50", "--heartbeat_timeout_ms", "1500"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    logs = [tmp_path / "g0.log", tmp_path / "g1.log"]
+    try:
+        for m in (0, 1):
+            e = dict(env(), REPLICA_GROUP_ID=str(m), NUM_REPLICA_GROUPS="2",
+                     TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{lh_port}")
+            cmd = torchrun_cmd(1, ["train", "--quiet", "--out", str(tmp_path / "run"), "--strategy", "diloco", *cfg],
+                               restarts=1 if m else 0)
+            procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=open(logs[m], "w")))
+        g0, g1 = procs[1], procs[2]
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        killed_at, deadline = None, time.time() + 150
+        while time.time() < deadline and g0.poll() is None:
+            done = [r for r in rows(tmp_path / "run") if "participants" in r] if metrics.is_file() else []
+            if done and done[-1]["participants"] == 2 and done[-1]["step"] >= 32:
+                pid = worker_pids(g1).get(0)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed_at = done[-1]["step"]
+                    break
+            time.sleep(0.02)
+        assert killed_at is not None, "group 1 never joined before the run ended"
+        assert g0.wait(timeout=180) == 0, logs[0].read_text()[-3000:]
+        assert g1.wait(timeout=120) == 0, logs[1].read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    train_rows = [r for r in rows(tmp_path / "run") if "participants" in r]
+    after = [r for r in train_rows if r["step"] > killed_at]
+    assert after[-1]["step"] == steps
+    alone = [r["step"] for r in after if r["participants"] == 1]
+    rejoined = [r["step"] for r in after if r["participants"] == 2 and alone and r["step"] > alone[0]]
+    assert alone, "group 0 never went on alone"  # the quorum shrank to the survivor
+    assert rejoined, "group 1 never rejoined"  # and grew back after the restarted group healed
+    healed = [int(x) for x in re.findall(r"healed from a peer at step (\d+)", logs[1].read_text())]
+    assert healed and max(healed) > killed_at and max(healed) % H == 0
+    assert after[-1]["dropped"] <= 2  # at most the round in flight when the group died (and its retry)
+    final = [r for r in rows(tmp_path / "run") if "val_loss" in r][-1]
+    assert final["step"] == steps and final["val_loss"] < 6.0  # it kept learning (a fresh model is at ~6.2)
