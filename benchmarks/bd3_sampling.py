@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="sequences sampled at once")
     ap.add_argument("--length", type=int, default=0, help="new tokens per sequence (0 = 2 × context)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--top-p", type=float, default=0.9, help="1 = no nucleus sort (shows the model-side speed-up)")
     args = ap.parse_args()
     quick = not args.full
     for name, block in (("ar", 0), ("l16", 16)):
@@ -38,10 +39,10 @@ def main() -> None:
     _, l16 = load_run(args.runs / "l16")
     eot = tokmod.eot_id(tokmod.load(args.runs / "ar" / "tokenizer.json"))
     length = args.length or 2 * cfg.model.context
-    rows = sampling_frontier(ar, l16, 16, args.n, length, args.reps, eot, ar)
+    rows = sampling_frontier(ar, l16, 16, args.n, length, args.reps, eot, ar, args.top_p)
     print(f"model: {cfg.model.n_layer} layers, d={cfg.model.d_model}, context {cfg.model.context}; "
           f"{args.n} sequences × {length} new tokens; {torch.get_num_threads()} threads; "
-          f"medians of {args.reps} interleaved repeats")
+          f"top-p {args.top_p}; medians of {args.reps} interleaved repeats")
     print(f"{'sampler':22s} {'tok/step':>8s} {'tokens/s':>10s} {'vs AR':>8s} {'gen ppl':>8s}   times (s)")
     for r in rows:
         print(f"{r['name']:22s} {r['tokens_per_step']:8d} {r['tok_per_s']:10,.0f} {r['speedup']:7.2f}× "

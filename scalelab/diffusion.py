@@ -369,7 +369,7 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
         if first * Lb > win:
             n = first * Lb - win
             model(seq[:, win:first * Lb], positions=torch.arange(win, first * Lb, device=dev),
-                  mask=block_causal_mask(n, Lb, dev), cache=cache)
+                  mask=block_causal_mask(n, Lb, dev), cache=cache, head_slice=slice(0, 0))
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     end = n_blocks
     for b in range(first, n_blocks):
@@ -386,18 +386,21 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             k = left - (M * (T - i - 1)) // T
             if k <= 0:
                 continue
+            # which positions to unmask is uniform and independent of pθ, so pick them first and run the
+            # output head only there
+            scores = torch.rand(B, Lb, generator=gen, device=dev).masked_fill(~masked, -1.0)
+            pick = scores.topk(k, dim=-1).indices  # (B, k): k uniformly chosen masked positions
             if cache is not None:
                 past = cache.length
                 logits = model(blk, positions=torch.arange(s, s + Lb, device=dev),
-                               mask=torch.ones(Lb, past + Lb, dtype=torch.bool, device=dev), cache=cache)
+                               mask=torch.ones(Lb, past + Lb, dtype=torch.bool, device=dev), cache=cache,
+                               head_slice=pick)
                 cache.length = past  # the noisy block's keys are scratch, not part of the cache
             else:
                 window = torch.cat([seq[:, win:s], blk], dim=1)
                 n = window.shape[1]
-                logits = model(window, mask=block_causal_mask(n, Lb, dev), head_slice=slice(n - Lb, n))
-            scores = torch.rand(B, Lb, generator=gen, device=dev).masked_fill(~masked, -1.0)
-            pick = scores.topk(k, dim=-1).indices  # (B, k): k uniformly chosen masked positions
-            lg = logits.gather(1, pick[..., None].expand(-1, -1, logits.size(-1)))[..., :mask_id]
+                logits = model(window, mask=block_causal_mask(n, Lb, dev), head_slice=pick + (n - Lb))
+            lg = logits[..., :mask_id]  # (B, k, V − 1): SUBS never samples [MASK]
             tok = sample_next(lg.reshape(B * k, -1), temperature, 0, top_p, gen).view(B, k)
             blk.scatter_(1, pick, tok)
             masked.scatter_(1, pick, False)
@@ -410,7 +413,8 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                 break
         if cache is not None and b + 1 < n_blocks:  # the clean block enters the cache
             model(blk, positions=torch.arange(s, s + Lb, device=dev),
-                  mask=torch.ones(Lb, cache.length + Lb, dtype=torch.bool, device=dev), cache=cache)
+                  mask=torch.ones(Lb, cache.length + Lb, dtype=torch.bool, device=dev), cache=cache,
+                  head_slice=slice(0, 0))
     return seq[:, :min(end * Lb, P + max_new_tokens)].cpu()
 
 

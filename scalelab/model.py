@@ -192,13 +192,14 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, head_slice: slice | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, head_slice: slice | torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, V).
 
         positions: (T,) or (B, T); default 0..T-1, continuing from the cache's length when a cache is given.
         mask: boolean, broadcastable to (B, H, T, T_keys), True where attention is allowed; default causal.
         head_slice: only these positions go through the final norm and the output head (BD3-LM's 2L pass
-        needs logits for the noisy half only); default all, so the logits are (B, len(slice), V).
+        needs logits for the noisy half only): a slice, or a (B, k) index tensor of positions per row
+        (BD3-LM sampling needs the k positions it unmasks); default all.
         """
         B, T = idx.shape
         if positions is None:
@@ -212,8 +213,10 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        if head_slice is not None:
+        if isinstance(head_slice, slice):
             x = x[:, head_slice]
+        elif head_slice is not None:
+            x = x.gather(1, head_slice[..., None].expand(-1, -1, x.size(-1)))
         return self.lm_head(self.norm(x))
 
     def num_params(self, embeddings: bool = True) -> int:
