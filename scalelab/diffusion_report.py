@@ -228,9 +228,9 @@ def body(r: dict) -> tuple[str, str]:
                     f"{gen[k]:.1f} | {'' if clip is None else f'[{clip[0]:.3g}, {clip[1]:.3g}]'} |")
     fr = "\n".join(f"| {x['name']} | {x['tokens_per_step']} | {x['tok_per_s']:,.0f} | **{x['speedup']:.2f}×** | "
                    f"{x['gen_ppl']:.1f} |" for x in r["frontier"])
-    order = " ≤ ".join(f"{label.get(k, 'L′=' + k[1:])} {ppl[k]:.2f}" for k in r["order"])
+    order = ", ".join(f"{label.get(k, 'L′=' + k[1:])} {'' if k == 'ar' else '≤'}{ppl[k]:.2f}" for k in r["order"])
     fast = r["frontier"][-1]
-    measured = (f"ppl {order} (claim order {'holds' if r['holds'] else 'broken'}); L′=16 at "
+    measured = (f"ppl {order} (order AR ≤ L′=4 ≤ L′=16 ≤ MDLM {'holds' if r['holds'] else 'broken'}); L′=16 at "
                 f"{fast['tokens_per_step']} tokens/step: {fast['speedup']:.2f}× AR tokens/s, gen ppl "
                 f"{fast['gen_ppl']:.1f} vs AR {r['frontier'][0]['gen_ppl']:.1f}")
     text = f"""Equal budget for every run: {cfg.model.n_layer} layers, d={cfg.model.d_model}, context \
