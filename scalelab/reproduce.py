@@ -321,6 +321,16 @@ PAPERS: dict[str, Callable[[Path, bool], Section]] = {"dyt": reproduce_dyt, "hor
 PAPERS["bd3lm"] = reproduce_bd3lm
 
 
+def reproduce_sss(out: Path, quick: bool) -> Section:
+    """SSS (Zhao et al. 2025): the self-verifying Sudoku model and SmolLM2; the section lives in search_report."""
+    from scalelab.search_report import sss_section
+
+    return sss_section(out, quick)
+
+
+PAPERS["sss"] = reproduce_sss
+
+
 def reproduce(papers: list[str], out: Path, quick: bool = False) -> Path:
     """Run the named sections and write `out/report.md`; return its path."""
     unknown = [p for p in papers if p not in PAPERS]

@@ -385,6 +385,7 @@ class SearchConfig:
     verifier_price: str = ""
     prices_file: str = ""
     retries: int = 3
+    threads: int = 0  # torch threads for local backends (0 = torch's default; 1 is best on a busy CPU)
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -735,6 +736,10 @@ def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backe
                ver: Backend | None = None, progress: Callable[[int, int], None] | None = None) -> list[ProblemRecord]:
     """The primary run: every problem's samples, verifications and tie-breaks, resumable."""
     cfg.validate()
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     if gen is None:
         gen = make_backend(cfg.backend, cfg.retries)
     if ver is None and cfg.verifier != "checker":

@@ -80,17 +80,17 @@ def compare_line(puzzle: str, a: str, b: str, a_correct: bool) -> str:
 # ------------------------------------------------------------------------------------------- config
 @dataclass
 class SVConfig:
-    d_model: int = 192
-    n_layer: int = 4
-    n_head: int = 6
-    n_kv_head: int = 3
+    d_model: int = 128
+    n_layer: int = 3
+    n_head: int = 4
+    n_kv_head: int = 2
     context: int = 128
-    batch_size: int = 32
+    batch_size: int = 24
     lr: float = 3e-3
-    solve_steps: int = 700  # round 0
-    rounds: int = 3
-    round_steps: int = 250
-    sample_puzzles: int = 300  # fresh training puzzles sampled per round
+    solve_steps: int = 450  # round 0
+    rounds: int = 2
+    round_steps: int = 150
+    sample_puzzles: int = 200  # fresh training puzzles sampled per round
     k_sample: int = 8
     temperature: float = 1.0
     solve_share: float = 0.45  # of a round's lines; the rest is verification (~75%) and comparison (~25%)
