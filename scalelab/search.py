@@ -142,19 +142,25 @@ class LocalBackend:
             return self.tok.encode(text, add_special_tokens=False).ids
         return self.prefix_ids + self.tok.encode(prompt, add_special_tokens=False).ids
 
+    def fit(self, ids: list[int], reserve: int) -> list[int]:
+        """Keep the last tokens of a prompt too long for the model's context, leaving `reserve` free (a
+        degenerate candidate can make a verification conversation longer than a small model's context)."""
+        room = self.engine.cfg.context - reserve
+        return ids if len(ids) <= room else ids[-room:]
+
     def generate(self, prompt, n, temperature, max_tokens, stop, seed) -> CallResult:
         from scalelab.engine import SamplingParams
 
-        ids = self.encode(prompt)
+        ids = self.fit(self.encode(prompt), 1)
         g = self.engine.generate(ids, SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature,
                                                      seed=seed, stop=list(stop)))
         outs = [Output(c.text, len(c.tokens) + (c.finish_reason == "stop"), c.finish_reason) for c in g.completions]
         return CallResult(outs, g.prompt_tokens, g.completion_tokens, g.cached_tokens, n * len(ids))
 
     def prob_yes(self, prompt, yes, no) -> CallResult:
-        ids = self.encode(prompt)
         cy = self.tok.encode(yes, add_special_tokens=False).ids
         cn = self.tok.encode(no, add_special_tokens=False).ids
+        ids = self.fit(self.encode(prompt), max(len(cy), len(cn)))
         before = self.engine.prompt_tokens
         sy, sn = self.engine.score(ids, [cy, cn])
         m = max(sy.logprob, sn.logprob)
