@@ -83,7 +83,9 @@ def main() -> None:
             target = max(ddp["final"], dl["final"])
             t_ddp, t_dl = time_to(ddp, target), time_to(dl, target)
             pairs.append({"bytes_ratio": dl["bytes"] / ddp["bytes"], "time_ratio": t_ddp / t_dl, "target": target,
-                          "t_ddp": t_ddp, "t_diloco": t_dl, "ddp": ddp, "diloco": dl})
+                          "t_ddp": t_ddp, "t_diloco": t_dl, "ddp": ddp, "diloco": dl,
+                          "equal_tokens_ratio": ddp["elapsed"] / dl["elapsed"],
+                          "link_share_ddp": ddp["link_s"] / ddp["elapsed"]})
             print(f"pair {rep + 1}: target {target:.4f} | DDP {t_ddp:.1f} s (final {ddp['final']:.4f}, link "
                   f"{ddp['link_s']:.1f} s) | DiLoCo {t_dl:.1f} s (final {dl['final']:.4f}, link {dl['link_s']:.1f} s)"
                   f" | wall-clock ratio {t_ddp / t_dl:.2f}x", flush=True)
@@ -96,6 +98,11 @@ def main() -> None:
     print(f"bytes ratio DiLoCo/DDP: {med('bytes_ratio'):.5f} (1/H = {1 / args.h:.5f})")
     print(f"wall-clock to the same val loss, DDP/DiLoCo: median {med('time_ratio'):.2f}x over {len(pairs)} "
           f"interleaved pairs ({each}); target >= 5x")
+    print(f"wall-clock at equal tokens, DDP/DiLoCo: median {med('equal_tokens_ratio'):.2f}x; the simulated link is "
+          f"{med('link_share_ddp'):.0%} of DDP's wall-clock (the rest is compute: {args.procs} processes on "
+          f"{os.cpu_count()} cores)")
+    print(f"final val loss: DDP {statistics.median(p['ddp']['final'] for p in pairs):.4f}, DiLoCo "
+          f"{statistics.median(p['diloco']['final'] for p in pairs):.4f} (equal tokens)")
 
 
 if __name__ == "__main__":

@@ -291,6 +291,10 @@ class _Distributed(Strategy):
                 dist.broadcast(t.data, src=src, group=group)
             self.traffic.count("setup", t.numel() * t.element_size(), n, "broadcast")
 
+    def load(self, ck: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        self.on_writer(lambda: check_strategy(ck, self.name))  # one error line, every rank exits
+        return checkpoint.load(ck, model, optimizer)
+
     def metrics(self) -> dict[str, Any]:
         return self.traffic.row()
 
@@ -302,6 +306,13 @@ class _Distributed(Strategy):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_strategy(ck: Path, name: str) -> None:
+    """A DiLoCo checkpoint holds the global model and the outer optimizer; DDP/single ones hold AdamW."""
+    saved = checkpoint.read_state(ck).get("config", {}).get("distributed", {}).get("strategy", "single")
+    if (saved == "diloco") != (name == "diloco"):
+        raise CheckpointError(f"checkpoint {ck} was written by strategy {saved}; resume it with --strategy {saved}")
 
 
 def _store_kwargs(rank: int, world: int, timeout: datetime.timedelta) -> dict[str, Any]:
@@ -508,6 +519,7 @@ class DiLoCo(_Distributed):
     def load(self, ck: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         from safetensors.torch import safe_open
 
+        self.on_writer(lambda: check_strategy(ck, self.name))
         state = checkpoint.load(ck, self.global_model, self.outer_opt)
         with torch.no_grad():
             for g, p in zip(self.global_params, self.local_params):

@@ -92,6 +92,12 @@ def run_report(run_dir: Path) -> Path:
         lines.append(f"| speed | median {tps:,.0f} tokens/s, {statistics.median(r['flops_per_s'] for r in train) / 1e9:.1f} "
                      f"GFLOP/s (model FLOPs), {train[-1]['elapsed']:.0f} s of training |")
         lines.append(f"| final train loss | {train[-1]['loss']:.4f} nats/token (step {train[-1]['step']}) |")
+        if "comm_bytes_total" in train[-1]:  # ddp / diloco runs (scalelab/distributed.py)
+            d, last = cfg.distributed, train[-1]
+            what = "DDP" if d.strategy == "ddp" else f"DiLoCo (H={d.inner_steps}, outer lr {d.outer_lr:g})"
+            lines.append(f"| communication | {what}: {last['comm_bytes_total'] / last['tokens']:,.1f} bytes/token "
+                         f"handed to collectives by rank 0 ({last['comm_bytes_total']:,} bytes), "
+                         f"{last['link_s_total']:.1f} s on the simulated link |")
     if evals:
         e = evals[-1]
         lines.append(f"| final val loss | {e['val_loss']:.4f} nats/token = {e['val_bpb']:.4f} bits/byte "

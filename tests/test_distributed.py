@@ -271,7 +271,7 @@ def test_bad_distributed_inputs_exit_2_with_one_line(corpus_dir, cache_dir, tmp_
         assert len(lines) == 1 and msg in lines[0], (extra, p.stderr)
 
 
-def test_world_not_divisible_into_replicas_fails_fast_on_every_rank(corpus_dir, cache_dir, tmp_path):
+def test_world_not_divisible_into_replicas_fails_fast_on_every_rank(diloco2, corpus_dir, cache_dir, tmp_path):
     t0 = time.time()
     p = torchrun(2, ["train", "--quiet", "--out", str(tmp_path / "o"), "--strategy", "diloco",
                      *sets(corpus_dir, cache_dir, **{"distributed.replicas": 3})], timeout=60)
@@ -287,6 +287,16 @@ def test_world_not_divisible_into_replicas_fails_fast_on_every_rank(corpus_dir, 
                  timeout=60)
     errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert p.returncode != 0 and len(errors) == 1 and "already holds a run" in errors[0], p.stderr[-2000:]
+    # a DiLoCo checkpoint (global model + outer SGD state) resumed as DDP
+    import shutil
+
+    run = tmp_path / "dl"
+    shutil.copytree(diloco2, run)
+    p = torchrun(2, ["train", "--quiet", "--resume", "--out", str(run), "--strategy", "ddp",
+                     *sets(corpus_dir, cache_dir, **{"train.max_steps": STEPS + 3})], timeout=60)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert errors == [f"error: checkpoint {run}/checkpoints/step_{STEPS:07d} was written by strategy diloco; "
+                      "resume it with --strategy diloco"], p.stderr[-2000:]
 
 
 def test_a_node_that_cannot_join_times_out_with_one_line(corpus_dir, cache_dir, tmp_path):
