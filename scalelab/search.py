@@ -113,6 +113,10 @@ class LocalBackend:
         self.tok, self.name, self.price = tokenizer, name, "local"
         self.chat_template, self.prefix_ids, self.bos = chat_template, list(prefix_ids), bos
         self.engine = Engine(model, decode=lambda ids: tokenizer.decode(ids), stop_ids=list(stop_ids))
+        # Stop strings that are one token each are passed as stop ids to an engine without a decode callback:
+        # for a small model, decoding every row's text at every step costs more than the model itself.
+        self.fast = Engine(model, stop_ids=list(stop_ids))
+        self.fast.prefix = self.engine.prefix  # one prefix cache for both
 
     @classmethod
     def from_spec(cls, spec: str) -> LocalBackend:
@@ -152,8 +156,15 @@ class LocalBackend:
         from scalelab.engine import SamplingParams
 
         ids = self.fit(self.encode(prompt), 1)
-        g = self.engine.generate(ids, SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature,
-                                                     seed=seed, stop=list(stop)))
+        stop_ids = [self.tok.encode(s, add_special_tokens=False).ids for s in stop]
+        if all(len(t) == 1 for t in stop_ids):
+            g = self.fast.generate(ids, SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature,
+                                                       seed=seed, stop_ids=[t[0] for t in stop_ids]))
+            for c in g.completions:
+                c.text = self.tok.decode(c.tokens)
+        else:
+            g = self.engine.generate(ids, SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature,
+                                                         seed=seed, stop=list(stop)))
         outs = [Output(c.text, len(c.tokens) + (c.finish_reason == "stop"), c.finish_reason) for c in g.completions]
         return CallResult(outs, g.prompt_tokens, g.completion_tokens, g.cached_tokens, n * len(ids))
 
@@ -162,7 +173,7 @@ class LocalBackend:
         cn = self.tok.encode(no, add_special_tokens=False).ids
         ids = self.fit(self.encode(prompt), max(len(cy), len(cn)))
         before = self.engine.prompt_tokens
-        sy, sn = self.engine.score(ids, [cy, cn])
+        sy, sn = self.engine.score(ids, [cy, cn])  # one forward over both continuations, prompt KV shared
         m = max(sy.logprob, sn.logprob)
         p = math.exp(sy.logprob - m) / (math.exp(sy.logprob - m) + math.exp(sn.logprob - m))
         used = self.engine.prompt_tokens - before
@@ -764,9 +775,14 @@ def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backe
     return out
 
 
-def replay(run_dir: Path) -> tuple[SearchConfig, tasksmod.Task, list[ProblemRecord], Transcripts]:
-    """Every problem's record rebuilt from the transcripts, with no model call."""
+def replay(run_dir: Path, trigger: str | None = None) -> tuple[SearchConfig, tasksmod.Task, list[ProblemRecord], Transcripts]:
+    """Every problem's record rebuilt from the transcripts, with no model call. `trigger` re-selects with the
+    other tie-break trigger: §3.1's tournaments are a subset of Algorithm 1's, so an alg1 run can be
+    rescored as s31 from its own transcripts."""
     cfg = load_config(run_dir)
+    if trigger is not None:
+        cfg.trigger = trigger
+        cfg.validate()
     task = load_problems(run_dir, cfg)
     s = Searcher(cfg, run_dir, task, None, None, make_format(cfg.prompts))
     recs = [s.run_problem(p) for p in task.problems]
@@ -839,10 +855,11 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int =
     return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
-def analyse(run_dir: Path) -> dict:
-    """Every metric of a run, from its transcripts only. Written to `metrics.json`."""
+def analyse(run_dir: Path, trigger: str | None = None) -> dict:
+    """Every metric of a run, from its transcripts only. Written to `metrics.json` (`metrics-s31.json` when
+    rescored with the other trigger)."""
     run_dir = Path(run_dir)
-    cfg, task, recs, tr = replay(run_dir)
+    cfg, task, recs, tr = replay(run_dir, trigger)
     n = len(recs)
     per = {"pass1": [], "passk": [], "cons": [], "verif": [], "verif_tb": [], "wvote": []}
     for r in recs:
@@ -895,5 +912,5 @@ def analyse(run_dir: Path) -> dict:
         "curves": cv, "usage": usage, "dollars": dollars, "price": {"generate": gen_price, "verify": ver_price},
         "per_problem": per,
     }
-    write_json(run_dir / "metrics.json", m)
+    write_json(run_dir / ("metrics.json" if trigger is None else f"metrics-{trigger}.json"), m)
     return m

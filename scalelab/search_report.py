@@ -259,10 +259,17 @@ def search_main(
 
 
 @search_app.command("rescore")
-def rescore(run: Annotated[Path, typer.Argument(help="a search run directory")]) -> None:
+def rescore(run: Annotated[Path, typer.Argument(help="a search run directory")],
+            trigger: Annotated[Optional[str], typer.Option(
+                help="re-select with this tie-break trigger (alg1 | s31); an alg1 run holds every s31 call")] = None,
+            ) -> None:
     """Recompute every metric and the report from transcripts.jsonl, with no model call."""
     if not (run / "transcripts.jsonl").is_file():
         raise ScalelabError(f"{run} has no transcripts.jsonl")
+    if trigger is not None:
+        m = search.analyse(run, trigger)
+        typer.echo(" | ".join(f"{k} {100 * v:.1f}%" for k, v in m["accuracy"].items()) + f"  (trigger {trigger})")
+        return
     path = write_report(run)
     typer.echo(f"report: {path}")
 
