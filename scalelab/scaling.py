@@ -277,6 +277,9 @@ def sweep_diloco_command(
     """Run DDP and DiLoCo for each size and M (sequentially), fit L = A·N^α per strategy and L = A·N^α·M^β."""
     import logging
 
+    from scalelab.cli import _setup_logging
+
+    _setup_logging()
     if steps is not None and steps < 1:
         raise ScalelabError("--steps must be >= 1")
     if tokens_per_param <= 0:
