@@ -346,11 +346,11 @@ class SudokuFormat:
         return f"\nQ{p.question} C{self.cand(response)} V"
 
     def parse_verdict(self, text: str) -> int | None:
-        t = text.strip()
+        t = text.strip().split("\n")[0].strip()
         return {"Y": 1, "N": 0}.get(t[-1:]) if t else None
 
     def verdict_query(self, p, response, verification) -> Prompt:
-        t = verification.rstrip()
+        t = verification.strip().split("\n")[0].rstrip()
         if t[-1:] in ("Y", "N"):
             t = t[:-1]
         return self.verify(p, response) + t.rstrip() + " "
@@ -359,7 +359,7 @@ class SudokuFormat:
         return f"\nQ{p.question} A{self.cand(a)} B{self.cand(b)} W"
 
     def parse_winner(self, text: str) -> str | None:
-        t = text.strip()
+        t = text.strip().split("\n")[0].strip()
         return t[-1] if t[-1:] in ("A", "B") else None
 
 
@@ -633,7 +633,7 @@ class Searcher:
     def _verify(self, rec: ProblemRecord, i: int, part: int, n: int) -> None:
         c, p, resp = self.cfg, rec.problem, rec.responses[i]
         v = self.call(f"ver:{p.id}:{i}:{part}", "verify", p.id, self.ver, self.fmt.verify(p, resp), n,
-                      c.verify_temperature, c.verify_max_tokens, [])
+                      c.verify_temperature, c.verify_max_tokens, self.fmt.stop)
         for j, o in enumerate(v["outputs"]):
             verdict = self.fmt.parse_verdict(o["text"])
             if c.score == "prob":
@@ -675,7 +675,7 @@ class Searcher:
                     continue
                 r = self.call(f"tie:{p.id}:{i}:{j}:{part}", "tiebreak", p.id, self.ver,
                               self.fmt.compare(p, rec.responses[a], rec.responses[b]), n, c.tie_temperature,
-                              c.verify_max_tokens, [])
+                              c.verify_max_tokens, self.fmt.stop)
                 for o in r["outputs"]:
                     w = self.fmt.parse_winner(o["text"])
                     side = a if w == "A" else b if w == "B" else None
@@ -785,7 +785,14 @@ def replay(run_dir: Path, trigger: str | None = None) -> tuple[SearchConfig, tas
         cfg.validate()
     task = load_problems(run_dir, cfg)
     s = Searcher(cfg, run_dir, task, None, None, make_format(cfg.prompts))
-    recs = [s.run_problem(p) for p in task.problems]
+    recs = []
+    for p in task.problems:  # an interrupted run is analysed over the problems it finished
+        try:
+            recs.append(s.run_problem(p))
+        except ScalelabError:
+            continue
+    if not recs:
+        raise ScalelabError(f"{run_dir} has no finished problem yet")
     return cfg, task, recs, s.tr
 
 
@@ -895,7 +902,7 @@ def analyse(run_dir: Path, trigger: str | None = None) -> dict:
     # all correct or all wrong
     amb = [i for i, r in enumerate(recs) if per["cons"][i] < 1 and 0 < per["pass1"][i] < 1]
     m = {
-        "config": dataclasses.asdict(cfg), "problems": n, "samples": sum(len(r.responses) for r in recs),
+        "config": dataclasses.asdict(cfg), "problems": n, "problems_in_run": len(task.problems), "samples": sum(len(r.responses) for r in recs),
         "unextracted": sum(a is None for r in recs for a in r.answers),
         "unparsed_verdicts": sum(r.unparsed for r in recs),
         "dropped_by_prelim": sum(sum(r.dropped) for r in recs),

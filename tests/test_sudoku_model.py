@@ -26,6 +26,9 @@ def test_rewrite_verdict_matches_checker():
             # the verdict is Y iff every lemma holds
             assert ok == ("-" not in rw)
     assert sm.verify_line(probs[0].question, "12/34")[0].endswith("Vx N")
+    direct, ok = sm.verify_line(probs[0].question, probs[0].answer, lemmas=False)
+    assert ok and direct.endswith(" V Y")
+    assert search.SudokuFormat().verdict_query(probs[0], probs[0].answer, " Y").endswith(" V ")
     assert sm.divergences("1234/3412/2143/4321", "1234/3412/2143/4312") == "43:2|1 44:1|2"
     fmt = search.SudokuFormat()
     assert fmt.parse_verdict("r1234+ k+ Y") == 1 and fmt.parse_winner("12:3|4 B") == "B"
