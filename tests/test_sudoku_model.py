@@ -26,8 +26,10 @@ def test_rewrite_verdict_matches_checker():
             # the verdict is Y iff every lemma holds
             assert ok == ("-" not in rw)
     assert sm.verify_line(probs[0].question, "12/34")[0].endswith("Vx N")
-    direct, ok = sm.verify_line(probs[0].question, probs[0].answer, lemmas=False)
+    direct, ok = sm.verify_line(probs[0].question, probs[0].answer, lemmas="none")
     assert ok and direct.endswith(" V Y")
+    mk, ok = sm.verify_line(probs[0].question, probs[0].answer, lemmas="marks")
+    assert ok and mk.endswith(" Vr++++c++++b++++k+ Y")
     assert search.SudokuFormat().verdict_query(probs[0], probs[0].answer, " Y").endswith(" V ")
     assert sm.divergences("1234/3412/2143/4321", "1234/3412/2143/4312") == "43:2|1 44:1|2"
     fmt = search.SudokuFormat()
