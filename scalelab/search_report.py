@@ -326,8 +326,16 @@ def sss_section(out: Path, quick: bool):
              "(Gemini 1.5 Pro: MATH 467 vs 460/500, AIME 8 vs 4/15)")
     parts, verdicts, measured = [], [], []
     # 1. the self-verifying Sudoku model
+    import os
+
     sv = sudoku_model.SVConfig.quick() if quick else sudoku_model.SVConfig()
     model_dir = out / "sudoku-model"
+    reuse = os.environ.get("SCALELAB_SSS_MODEL")  # a model trained by `scalelab search train-sudoku`, reused
+    if reuse:
+        model_dir = Path(reuse)
+        if not (model_dir / "rounds.json").is_file():
+            raise ScalelabError(f"SCALELAB_SSS_MODEL={reuse} is not a trained Sudoku model directory (no rounds.json)")
+        sv = sudoku_model.SVConfig(**json.loads((model_dir / "rounds.json").read_text())["config"])
     run = sudoku_model.train_sudoku_model(model_dir, sv)
     cfg = search.SearchConfig(backend=f"run:{run}", task="sudoku:4", n_problems=20 if quick else 200,
                               prompts="sudoku", k_inf=8 if quick else 16, k_verif=2, k_tie=2, temperature=1.0,
@@ -344,7 +352,8 @@ def sss_section(out: Path, quick: bool):
                     f"{_pct(acc[f'Consistency@{K}'])} (Pass@1 {_pct(acc['Pass@1'])}, Pass@{K} {_pct(acc[f'Pass@{K}'])})")
     verdicts.append(rows[0][1])
     parts.append(f"### A model that verifies itself (4×4 Sudoku, trained here)\n\n"
-                 f"{sv.d_model}-wide, {sv.n_layer}-layer Transformer, {len(stats) - 1} self-verification rounds "
+                 f"{sv.d_model}-wide, {sv.n_layer}-layer Transformer, {len(stats) - 1} self-verification rounds, "
+                 f"verification format `{sv.lemmas}` "
                  f"(per-round statistics in `{model_dir.name}/rounds.json`: "
                  + "; ".join(f"round {s['round']}: sample accuracy {_pct(s['sample_accuracy'])}, malformed "
                              f"{_pct(s['malformed'])}" for s in stats if "samples" in s)
@@ -363,7 +372,7 @@ def sss_section(out: Path, quick: bool):
         have = False
     if have:
         cfg2 = search.SearchConfig(backend="local:smollm2", task="arithmetic:1", n_problems=4 if quick else 20,
-                                   prompts="fewshot", k_inf=4 if quick else 8, k_verif=2, k_tie=2, temperature=1.0,
+                                   prompts="fewshot", k_inf=4 if quick else 8, k_verif=2, k_tie=2, temperature=0.6,
                                    max_tokens=96, verify_max_tokens=96, score="prob", seeds=20)
         s2 = out / "smollm2-search"
         search.run_search(cfg2, s2)
@@ -374,7 +383,8 @@ def sss_section(out: Path, quick: bool):
         measured.append(f"SmolLM2-135M: Verification@{K2} {_pct(a2[f'Verification@{K2}'])} vs Consistency@{K2} "
                         f"{_pct(a2[f'Consistency@{K2}'])}, AUROC {m2['verifier_auroc']:.2f}")
         parts.append(f"### SmolLM2-135M-Instruct off the shelf (arithmetic, 2-shot plain-text prompt)\n\n"
-                     f"{m2['problems']} problems, k_inf = {K2}, k_verif = {cfg2.k_verif}, score = P(Yes) after the "
+                     f"{m2['problems']} problems, k_inf = {K2} at σ_inf = {cfg2.temperature} (at 1.0 this model's "
+                     f"samples degenerate into noise), k_verif = {cfg2.k_verif}, score = P(Yes) after the "
                      f"theorem/lemma verification conversation. Report: [{s2.name}/report.md]({s2.name}/report.md).\n\n"
                      "| claim | holds here | evidence |\n|---|---|---|\n"
                      + "\n".join(f"| {c} | {'yes' if ok else 'no'} | {ev} |" for c, ok, ev in rows2) + "\n")
