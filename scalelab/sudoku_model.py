@@ -20,8 +20,12 @@ The recipe:
   budget (0.6M parameters, 750 steps), "rewrite" stayed near chance (AUROC ~0.55: the model copies columns
   and boxes wrongly and the verdict follows its wrong copy) and "none" learned only the 50/50 label prior
   (P(Y) ≈ 0.5 for every candidate: one supervised token per line is too weak a signal for the trainer's
-  whole-sequence loss); "marks" (the default) gives twelve supervised checks per line. The comparison line follows the first principle: it lists the cells where the two answers
-  diverge, then names the correct one.
+  whole-sequence loss); "marks" (the default) gives twelve supervised checks per line, but at 1,350 steps it
+  too learned only the prior (it writes every check as "+" and says Y: AUROC 0.50 on 200 held-out puzzles,
+  two seeds), even on its own training lines. So at this budget the model solves (Pass@1 ~27%) but does not
+  verify; the issue's prototype (3.2M parameters, answer-only loss) did. See the report for the numbers.
+- The comparison line follows the first principle: it lists the cells where the two answers diverge, then
+  names the correct one.
 
 Training uses `train.train` unchanged: each round writes the corpus file (one example per line, byte-level
 vocabulary of 257 so the tokenizer is the same every round) and resumes the same run directory with more
