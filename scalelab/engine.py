@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scalelab.errors import ScalelabError
-from scalelab.model import KVCache, Transformer
+from scalelab.model import KVCache, Transformer, sampling_probs
 
 MAX_TOP_LOGPROBS = 20
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -146,20 +146,6 @@ class PrefixCache:
             self.store.popitem(last=False)
 
 
-def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """logits: (B, V) -> sampling distribution (B, V) after temperature, top-k and top-p (fp32)."""
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return probs
-
-
 def _draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
     """One token per row by inverse CDF, row i using its own generator. probs: (B, V) -> (B,)."""
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
@@ -250,7 +236,7 @@ class Engine:
             if params.temperature <= 0:
                 nxt = logits.argmax(-1)
             else:
-                nxt = _draw(_probs(logits, params.temperature, params.top_k, params.top_p), [gens[r] for r in rows])
+                nxt = _draw(sampling_probs(logits, params.temperature, params.top_k, params.top_p), [gens[r] for r in rows])
             lp = top = None
             if params.logprobs or want_top:
                 logp = torch.log_softmax(logits.float(), dim=-1)
