@@ -34,7 +34,9 @@ app.add_typer(search_app, name="search")
 def _setup_logging(quiet: bool = False) -> None:
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_time=False, show_path=False, markup=False, console=_stderr())
+    # Logs piped to a file stay one line per message; a terminal gets rich's formatting.
+    handler = (RichHandler(show_time=False, show_path=False, markup=False, console=_stderr()) if sys.stderr.isatty()
+               else logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[handler],
                         force=True)
 
