@@ -341,8 +341,9 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
     mid-block leaves its tail as the clean part of the first block. Each block starts fully masked and takes
     `steps` (T, default L′) denoising steps; step i unmasks the masked positions down to ⌊M·(T−i−1)/T⌋ left,
     chosen uniformly, each sampled from pθ (top-p). With the cache, each step runs only the current block
-    against the cached clean blocks, and a finished block runs once more to enter the cache. Without it, every
-    step runs the whole window under the block-causal mask. Generation ends when every row has produced
+    against the cached clean blocks; a finished block enters the cache in the next block's first forward
+    ([finished ‖ noisy], the finished half blind to the noisy one), so a block costs T forwards, not T + 1.
+    Without the cache, every step runs the whole window under the block-causal mask. Generation ends when every row has produced
     `stop_id` or after max_new_tokens; the window slides one block at a time past the context.
     """
     # prompt: (B, P); seq: (B, n_blocks·L′)
@@ -372,11 +373,15 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                   mask=block_causal_mask(n, Lb, dev), cache=cache, head_slice=slice(0, 0))
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     end = n_blocks
+    pending = None  # the last finished block: its keys enter the cache in the next block's first forward
     for b in range(first, n_blocks):
         s = b * Lb
         if s + Lb - win > ctx:  # slide the window by one block
             if cache is not None:
-                _slide(cache, s + Lb - ctx - win)
+                n = s + Lb - ctx - win
+                if n > cache.length:  # the pending block itself falls out of the window (L′ > context/2)
+                    pending, n = None, cache.length
+                _slide(cache, n)
             win = s + Lb - ctx
         blk = seq[:, s:s + Lb].clone()
         masked = blk == mask_id
@@ -392,9 +397,16 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             pick = scores.topk(k, dim=-1).indices  # (B, k): k uniformly chosen masked positions
             if cache is not None:
                 past = cache.length
-                logits = model(blk, positions=torch.arange(s, s + Lb, device=dev),
-                               mask=torch.ones(Lb, past + Lb, dtype=torch.bool, device=dev), cache=cache,
-                               head_slice=pick)
+                if pending is None:
+                    logits = model(blk, positions=torch.arange(s, s + Lb, device=dev),
+                                   mask=torch.ones(Lb, past + Lb, dtype=torch.bool, device=dev), cache=cache,
+                                   head_slice=pick)
+                else:  # [finished block ‖ noisy block] in one forward; the finished block does not see the noisy
+                    mask = torch.ones(2 * Lb, past + 2 * Lb, dtype=torch.bool, device=dev)
+                    mask[:Lb, past + Lb:] = False
+                    logits = model(torch.cat([pending, blk], dim=1), positions=torch.arange(s - Lb, s + Lb, device=dev),
+                                   mask=mask, cache=cache, head_slice=pick + Lb)
+                    past, pending = past + Lb, None
                 cache.length = past  # the noisy block's keys are scratch, not part of the cache
             else:
                 window = torch.cat([seq[:, win:s], blk], dim=1)
@@ -411,10 +423,8 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
             if bool(done.all()):
                 end = b + 1
                 break
-        if cache is not None and b + 1 < n_blocks:  # the clean block enters the cache
-            model(blk, positions=torch.arange(s, s + Lb, device=dev),
-                  mask=torch.ones(Lb, cache.length + Lb, dtype=torch.bool, device=dev), cache=cache,
-                  head_slice=slice(0, 0))
+        if cache is not None:
+            pending = blk  # every block has a masked position, so its first step always runs and takes this
     return seq[:, :min(end * Lb, P + max_new_tokens)].cpu()
 
 

@@ -238,13 +238,17 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def _filter(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """logits: (B, V) -> probabilities after temperature and top-k (fp32)."""
+    x = logits.float() / temperature
+    if top_k and top_k < x.size(-1):
+        x = x.masked_fill(x < torch.topk(x, top_k, dim=-1).values[:, -1:], float("-inf"))
+    return torch.softmax(x, dim=-1)
+
+
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """logits: (B, V) -> the sampling distribution (B, V) after temperature, top-k and top-p (fp32)."""
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = _filter(logits, temperature, top_k)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
@@ -254,11 +258,31 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """logits: (B, V) -> next ids (B,). temperature 0 is greedy."""
+    """logits: (B, V) -> next ids (B,), drawn from `sampling_probs`. temperature 0 is greedy.
+
+    Top-p without sorting the vocabulary: draw from the unfiltered distribution p and keep a draw j when it is
+    in the nucleus (the mass of ids likelier than j is ≤ top_p), else draw that row again. Accepted draws follow
+    p restricted to the nucleus and renormalised, which is exactly the filtered distribution; a draw is kept
+    with probability ≥ top_p, so this costs a few passes over V instead of a sort (the sort dominated sampling
+    from small models on CPU).
+    """
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = sampling_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    p = _filter(logits, temperature, top_k)
+    cdf = p.cumsum(-1)
+    out = torch.empty(p.size(0), dtype=torch.long, device=p.device)
+    rows = torch.arange(p.size(0), device=p.device)
+    while rows.numel():
+        u = torch.rand(rows.numel(), 1, generator=generator, device=p.device) * cdf[rows, -1:]
+        j = torch.searchsorted(cdf[rows], u).clamp_(max=p.size(-1) - 1)  # (n, 1)
+        if top_p >= 1.0:
+            out[rows] = j.squeeze(-1)
+            break
+        pr = p[rows]
+        ok = (pr * (pr > pr.gather(-1, j))).sum(-1) <= top_p
+        out[rows[ok]] = j.squeeze(-1)[ok]
+        rows = rows[~ok]
+    return out
 
 
 @torch.no_grad()

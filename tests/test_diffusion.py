@@ -148,6 +148,8 @@ def test_sampling_past_the_context_and_stop():
     common = torch.bincount(out[:, 1:].flatten()).argmax().item()
     stopped = bd.bd3_generate(model, torch.zeros(2, 1, dtype=torch.long), 200, 4, seed=1, stop_id=common)
     assert stopped.shape[1] < 201 and all((row[1:] == common).any() for row in stopped)
+    mdlm = bd.bd3_generate(model, torch.zeros(2, 1, dtype=torch.long), 40, 16, 4, seed=1)  # L′ = context
+    assert mdlm.shape == (2, 41) and (mdlm < 40).all()
 
 
 def test_generative_ppl_of_uniform_scorer():
