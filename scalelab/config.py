@@ -45,6 +45,10 @@ class DataConfig:
     val_fraction: float = 0.05
     max_bytes: int = 0  # 0 = the whole corpus; else keep documents (in hash order) up to this many bytes
     cache_dir: str = ""  # "" = $SCALELAB_CACHE or ~/.cache/scalelab
+    # Train on answers only: on every line holding this marker, the tokens before it are context (no loss) and
+    # the rest of the line is the answer (the marker itself is dropped); lines without it are trained on in
+    # full. "" = every token. E.g. "\u001f" for `prompt␟answer` lines.
+    loss_after: str = ""
 
 
 @dataclass
@@ -283,6 +287,8 @@ def _validate_diffusion(cfg: Config) -> None:
     need(d.block_size >= 0, f"diffusion.block_size must be >= 0 (0 = autoregressive), got {d.block_size}")
     if not d.block_size:
         return
+    need(not cfg.data.loss_after, "data.loss_after (answer-only loss) is for autoregressive runs; BD3-LM trains "
+                                  "on every token")
     need(d.block_size <= ctx, f"diffusion.block_size ({d.block_size}) is longer than model.context ({ctx})")
     need(ctx % d.block_size == 0, f"diffusion.block_size ({d.block_size}) must divide model.context ({ctx})")
     need(0 <= d.sample_steps <= d.block_size,

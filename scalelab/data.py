@@ -8,6 +8,8 @@
   so that it can be split too. Files that are not UTF-8 are skipped and counted.
 - A byte-level BPE is trained on the train split only; tokens (documents joined by end-of-text) are stored
   as uint16 memmaps. Everything is cached under a key of the corpus content and the data config.
+- `data.loss_after` turns on answer-only training: a parallel uint8 mask marks the tokens after the marker on
+  each line, and batches carry -100 (ignored by the loss) at every other target.
 - The batch iterator cuts the token stream into non-overlapping windows and visits them in a seeded random
   order per epoch; its position (epoch, index) is all the state a checkpoint needs to resume it exactly.
 """
@@ -31,7 +33,7 @@ from scalelab import tokenizer as tokmod
 from scalelab.config import DataConfig
 from scalelab.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PIECE_BYTES = 16384
 
 
@@ -170,6 +172,11 @@ class Prepared:
     def tokens(self, split: str) -> np.ndarray:
         return np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
 
+    def mask(self, split: str) -> np.ndarray | None:
+        """1 where a token is trained on (`data.loss_after`), else None: every token is."""
+        path = self.dir / f"{split}.mask"
+        return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
+
     def bytes_per_token(self, split: str = "val") -> float:
         return self.meta[split]["bytes"] / self.meta[split]["tokens"]
 
@@ -181,7 +188,8 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
         raise DataError(f"corpus {cfg.corpus!r} has no UTF-8 text documents"
                         + (f" ({corpus.skipped_non_utf8} non-UTF-8 files skipped)" if corpus.skipped_non_utf8 else ""))
     train, val = split_docs(corpus, cfg.val_fraction, cfg.max_bytes)
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, cfg.vocab_size, cfg.val_fraction, cfg.max_bytes]).encode())
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, cfg.vocab_size, cfg.val_fraction, cfg.max_bytes,
+                                     cfg.loss_after]).encode())
     for t in train + [""] + val:
         key.update(_doc_hash(t).encode())
     root = cache_root(cfg)
@@ -197,19 +205,28 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
         if log:
             log(f"training a {cfg.vocab_size}-token BPE on {len(train)} documents "
                 f"({sum(map(len, train)) / 1e6:.1f} MB); cached for next time")
-        tok = tokmod.train_bpe(train, cfg.vocab_size)
+        marker = cfg.loss_after
+        tok = tokmod.train_bpe([t.replace(marker, "") for t in train] if marker else train, cfg.vocab_size)
         tok.save(str(tmp / "tokenizer.json"))
         eot = tokmod.eot_id(tok)
         meta = {"corpus": cfg.corpus, "vocab_size": tok.get_vocab_size(), "skipped_non_utf8": corpus.skipped_non_utf8,
-                "duplicates": corpus.duplicates}
+                "duplicates": corpus.duplicates, "loss_after": marker}
         for split, texts in (("train", train), ("val", val)):
-            ids: list[int] = []
-            for i in range(0, len(texts), 512):
-                for enc in tok.encode_batch(texts[i:i + 512]):
-                    ids.extend(enc.ids)
-                    ids.append(eot)
+            if marker:
+                ids, mask, nbytes = _encode_masked(tok, texts, marker, eot)
+                np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{split}.mask")
+                meta[split] = {"docs": len(texts), "bytes": nbytes, "tokens": int(sum(mask)), "all_tokens": len(ids)}
+                if split == "train" and not any(marker in t for t in texts):
+                    raise DataError(f"no line of the corpus holds the data.loss_after marker {marker!r}")
+            else:
+                ids = []
+                for i in range(0, len(texts), 512):
+                    for enc in tok.encode_batch(texts[i:i + 512]):
+                        ids.extend(enc.ids)
+                        ids.append(eot)
+                meta[split] = {"docs": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts),
+                               "tokens": len(ids)}
             np.asarray(ids, dtype=np.uint16).tofile(tmp / f"{split}.bin")
-            meta[split] = {"docs": len(texts), "bytes": sum(len(t.encode("utf-8")) for t in texts), "tokens": len(ids)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, out)
@@ -221,6 +238,37 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
     return Prepared(out, json.loads((out / "meta.json").read_text()))
 
 
+def _encode_masked(tok, texts: list[str], marker: str, eot: int) -> tuple[list[int], list[int], int]:
+    """Token ids, their loss mask (1 = trained on) and the bytes of the trained-on text, for `loss_after`.
+
+    Each line is cut at its first marker; the two parts are tokenized apart, so no token straddles the cut.
+    `bytes` and the mask's sum give bits per byte over the answers. End-of-text between documents: no loss.
+    """
+    parts: list[tuple[str, int]] = []  # (text, trained on)
+    for t in texts:
+        for line in t.splitlines(keepends=True):
+            pre, hit, post = line.partition(marker)
+            if hit:
+                parts += [(pre, 0), (post, 1)]
+            else:
+                parts.append((line, 1))
+        parts.append(("", -1))  # end of document
+    ids: list[int] = []
+    mask: list[int] = []
+    nbytes = 0
+    for i in range(0, len(parts), 4096):
+        chunk = parts[i:i + 4096]
+        for (text, keep), enc in zip(chunk, tok.encode_batch([p for p, _ in chunk])):
+            if keep < 0:
+                ids.append(eot)
+                mask.append(0)
+                continue
+            ids.extend(enc.ids)
+            mask.extend([keep] * len(enc.ids))
+            nbytes += len(text.encode("utf-8")) if keep else 0
+    return ids, mask, nbytes
+
+
 class Batches:
     """Random non-overlapping windows of `context + 1` tokens, reshuffled every epoch, resumable.
 
@@ -228,8 +276,9 @@ class Batches:
     see disjoint data and together cover exactly what one worker with world× the batch would.
     """
 
-    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.tokens, self.context, self.batch_size = tokens, context, batch_size
+    def __init__(self, tokens: np.ndarray, context: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 mask: np.ndarray | None = None):
+        self.tokens, self.context, self.batch_size, self.mask = tokens, context, batch_size, mask
         self.seed, self.rank, self.world = seed, rank, world
         self.n_windows = (len(tokens) - 1) // context
         if self.n_windows < 1:
@@ -250,7 +299,7 @@ class Batches:
         self.epoch, self.index = int(s["epoch"]), int(s["index"])
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (x, y), both (B, T) int64, with y the next tokens of x."""
+        """Return (x, y), both (B, T) int64, with y the next tokens of x (-100 where `mask` says no loss)."""
         picks = []
         need = self.batch_size * self.world
         while len(picks) < need:
@@ -264,10 +313,15 @@ class Batches:
         T = self.context
         buf = np.stack([np.asarray(self.tokens[w * T: w * T + T + 1], dtype=np.int64) for w in mine])
         t = torch.from_numpy(buf)
-        return t[:, :-1], t[:, 1:]
+        x, y = t[:, :-1], t[:, 1:]
+        if self.mask is not None:
+            m = np.stack([np.asarray(self.mask[w * T + 1: w * T + T + 1], dtype=bool) for w in mine])
+            y = y.masked_fill(~torch.from_numpy(m), -100)
+        return x, y
 
 
-def eval_batches(tokens: np.ndarray, context: int, batch_size: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(tokens: np.ndarray, context: int, batch_size: int, n: int,
+                 mask: np.ndarray | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same `n` validation batches every time (seed 0), so evaluations are comparable across steps."""
-    it = Batches(tokens, context, batch_size, seed=0)
+    it = Batches(tokens, context, batch_size, seed=0, mask=mask)
     return [it.next() for _ in range(min(n, math.ceil(it.n_windows / batch_size)))]

@@ -234,8 +234,10 @@ class Transformer(nn.Module):
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats. logits: (B, T, V), targets: (B, T)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+    """Mean next-token cross-entropy in nats over the targets that are not -100 (answer-only training);
+    0 when there are none. logits: (B, T, V), targets: (B, T)."""
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 def _filter(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

@@ -153,8 +153,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
     t = cfg.train
     # [distributed] train.batch_size is the global batch; this process reads its 1/world share of it
     batches = datamod.Batches(prepared.tokens("train"), cfg.model.context, t.batch_size // strat.data_world, t.seed,
-                              strat.data_rank, strat.data_world)
-    val = datamod.eval_batches(prepared.tokens("val"), cfg.model.context, t.batch_size, t.eval_batches)
+                              strat.data_rank, strat.data_world, mask=prepared.mask("train"))
+    val = datamod.eval_batches(prepared.tokens("val"), cfg.model.context, t.batch_size, t.eval_batches,
+                               mask=prepared.mask("val"))
     bpt = prepared.bytes_per_token("val")
 
     start, tokens_seen, elapsed = 0, 0, 0.0

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from scalelab import config, data, tokenizer
 from scalelab.config import DataConfig
@@ -64,6 +65,48 @@ def test_prepare_caches_and_tokens_round_trip(corpus_dir, cache_dir):
     assert tok.encode(text).ids == first_doc  # byte-level BPE round-trips
     # bits per byte: total nats over the split divided by its bytes, in bits
     assert p.bytes_per_token("val") == pytest.approx(p.meta["val"]["bytes"] / p.meta["val"]["tokens"])
+
+
+def test_answer_only_mask_marks_exactly_the_answers(tmp_path):
+    """Oracle: the answers written into the file, recovered from the supervised tokens of every document."""
+    rng = np.random.default_rng(0)
+    lines, answers = [], []
+    for i in range(2500):  # > 2 pieces of 16 KB, so both splits get documents
+        q, a = f"Q{rng.integers(10**6)}+{i} S", f"{rng.integers(10**4)} Y"
+        lines.append(f"{q}\x1f{a}")
+        answers.append(a + "\n")
+    lines.append("a plain line, trained on in full")
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(corpus=str(tmp_path / "c.txt"), vocab_size=257, val_fraction=0.3, cache_dir=str(tmp_path),
+                     loss_after="\x1f")
+    p = data.prepare(cfg)
+    tok = tokenizer.load(p.tokenizer_path)
+    got = []
+    for split in ("train", "val"):
+        ids, m = np.asarray(p.tokens(split)), np.asarray(p.mask(split)).astype(bool)
+        assert len(ids) == len(m) and p.meta[split]["tokens"] == m.sum()
+        text = tok.decode(ids.tolist(), skip_special_tokens=False)
+        assert "\x1f" not in text  # the marker is dropped
+        # supervised runs, cut at newlines, are the answers (and the plain line)
+        runs, cur = [], []
+        for t, keep in zip(ids.tolist(), m.tolist()):
+            if keep:
+                cur.append(t)
+            elif cur:
+                runs.append(tok.decode(cur)); cur = []
+        got += [r for run in runs for r in run.splitlines(keepends=True)]
+    assert sorted(got) == sorted(answers + ["a plain line, trained on in full\n"])
+    x, y = data.Batches(p.tokens("train"), 32, 4, seed=0, mask=p.mask("train")).next()
+    assert ((y == -100) | (y >= 0)).all() and (y == -100).any() and (y != -100).any()
+    logits = torch.randn(4, 32, 257)
+    from scalelab.model import loss_fn
+    keep = y != -100
+    ref = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    assert torch.allclose(loss_fn(logits, y), ref, atol=1e-6)
+    with pytest.raises(DataError, match="loss_after"):
+        (tmp_path / "d.txt").write_text("".join(f"no marker on line {i}\n" for i in range(3000)))
+        data.prepare(DataConfig(corpus=str(tmp_path / "d.txt"), vocab_size=257, cache_dir=str(tmp_path),
+                                loss_after="\x1f"))
 
 
 def test_batches_resume_exactly_and_cover_windows():
