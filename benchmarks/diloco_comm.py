@@ -1,8 +1,10 @@
 """DDP vs DiLoCo over a simulated slow link: bytes per token and wall-clock to the same validation loss.
 
 M = 4 torchrun processes on this machine (gloo), the same model, data and token budget; DDP all-reduces the
-gradient every step, DiLoCo (H = 30, outer SGD lr 0.7 Nesterov 0.9) all-reduces the outer gradient every H
-steps. Both go over a simulated link (`distributed.link_gbps`, default 1 Gbit/s): each process sleeps for
+gradient every step, DiLoCo (H = 30, outer SGD Nesterov 0.9) all-reduces the outer gradient every H steps.
+DiLoCo's learning rates follow the scaling-laws paper (`scaling.diloco_hparams`: inner lr = DDP's × the ratio
+of the paper's fitted optimal inner lrs at this N and M, outer lr 0.6 for M = 4); `--no-paper-hparams` runs
+DiLoCo with DDP's lr and the original paper's outer lr 0.7. Both go over a simulated link (`distributed.link_gbps`, default 1 Gbit/s): each process sleeps for
 the time a bandwidth-optimal ring all-reduce of its payload, 2·P·(M−1)/M bytes, would take on it
 (Charles et al. 2025, App. A). Runs are interleaved (DDP, DiLoCo, DDP, DiLoCo, ...) so the shared machine's
 noise hits both alike; ratios are per pair, and the medians are quoted.
@@ -11,7 +13,7 @@ Time to target: the target is the higher of the two final validation losses (a l
 run's time is its training wall-clock (`elapsed`, rank 0, evaluations excluded) at its first evaluation at or
 below the target. Evaluations are every H steps, at DiLoCo's outer steps, on the global model.
 
-    python benchmarks/diloco_comm.py [--repeats 2] [--steps 300] [--gbps 1] [--h 30]
+    python benchmarks/diloco_comm.py [--repeats 2] [--steps 900] [--gbps 1] [--h 30] [--no-paper-hparams]
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(strategy: str, out: Path, args: argparse.Namespace) -> dict:
+def run(strategy: str, out: Path, args: argparse.Namespace, lr: float, outer_lr: float = 0.7) -> dict:
     sets = {"model.context": args.context, "model.d_model": args.d_model, "model.n_layer": 2, "model.n_head": 4,
             "model.n_kv_head": 2, "train.batch_size": args.batch, "train.max_steps": args.steps, "train.warmup_steps": 30,
-            "train.lr": 3e-3, "train.eval_every": args.h, "train.eval_batches": 4, "train.ckpt_every": args.steps,
+            "train.lr": lr, "distributed.outer_lr": outer_lr, "train.eval_every": args.h, "train.eval_batches": 4, "train.ckpt_every": args.steps,
             "train.log_every": 10, "distributed.link_gbps": args.gbps, "distributed.inner_steps": args.h,
             "distributed.timeout_s": 120}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.procs),
@@ -67,7 +69,9 @@ def time_to(res: dict, target: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=900, help="DDP and inner steps (900 = 30 outer steps at H = 30)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="DDP's AdamW lr")
+    ap.add_argument("--paper-hparams", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--h", type=int, default=30)
     ap.add_argument("--gbps", type=float, default=1.0)
     ap.add_argument("--procs", type=int, default=4)
@@ -75,11 +79,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="global batch (sequences), split over the processes")
     ap.add_argument("--context", type=int, default=32)
     args = ap.parse_args()
+    from scalelab import config as configmod
+    from scalelab.scaling import diloco_hparams, param_count
+
+    cfg = configmod.load(ROOT / "recipes" / "tiny.toml", [f"model.d_model={args.d_model}", "model.n_layer=2",
+                                                          "model.n_head=4", "model.n_kv_head=2"])
+    cfg.model.vocab_size = cfg.data.vocab_size
+    N = param_count(cfg)
+    ratio, outer = diloco_hparams(N, args.procs) if args.paper_hparams else (1.0, 0.7)
+    print(f"{N / 1e6:.2f}M parameters; DDP lr {args.lr:g}; DiLoCo inner lr {args.lr * ratio:.3g} "
+          f"({ratio:.2f}× DDP's), outer lr {outer:g}", flush=True)
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            ddp = run("ddp", Path(tmp) / f"ddp{rep}", args)
-            dl = run("diloco", Path(tmp) / f"diloco{rep}", args)
+            ddp = run("ddp", Path(tmp) / f"ddp{rep}", args, args.lr)
+            dl = run("diloco", Path(tmp) / f"diloco{rep}", args, args.lr * ratio, outer)
             target = max(ddp["final"], dl["final"])
             t_ddp, t_dl = time_to(ddp, target), time_to(dl, target)
             pairs.append({"bytes_ratio": dl["bytes"] / ddp["bytes"], "time_ratio": t_ddp / t_dl, "target": target,

@@ -8,6 +8,7 @@ resolved config is written into the run directory as `config.toml`, and everythi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -330,7 +331,7 @@ def to_toml(cfg: Config) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
         return repr(v)
 
     lines = [f"name = {fmt(cfg.name)}"]

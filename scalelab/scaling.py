@@ -54,6 +54,24 @@ class Fit:
         return s + (f"·M^{self.beta:.4f}" if self.beta is not None else "")
 
 
+# Charles et al. 2025: the optimal inner learning rate, DP γ(N) = A·N^α (Table 8) and DiLoCo's joint fit
+# γ(N, M) = A·N^α·M^β (Table 10, which the authors recommend), N in parameters; and the best outer learning rate
+# per M (Fig. 7, a tentative reading for N ≥ 335M; the paper does not fit it).
+INNER_LR_DP = (16319.2, -0.819)
+INNER_LR_DILOCO = (22256.0, -0.8827, 0.2929)
+OUTER_LR = {1: 0.4, 2: 0.6, 4: 0.6, 8: 0.8}
+
+
+def diloco_hparams(N: float, M: int) -> tuple[float, float]:
+    """(DiLoCo's inner lr as a multiple of DP's tuned lr, outer lr) at N parameters and M replicas, from the
+    paper's fits: γ(N, M)/γ_DP(N) — 0.54·M^0.29 at 2M parameters, 0.45·M^0.29 at 35M (below 35M the fits are
+    extrapolated). The outer Nesterov step amplifies inner progress, so DiLoCo's best inner lr is below DP's."""
+    if M not in OUTER_LR:
+        raise ScalelabError(f"the paper's DiLoCo outer learning rates cover M ∈ {{1, 2, 4, 8}}, not {M}")
+    (a, x, b), (ad, xd) = INNER_LR_DILOCO, INNER_LR_DP
+    return a * N ** x * M ** b / (ad * N ** xd), OUTER_LR[M]
+
+
 def _lstsq(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = y - X @ coef
