@@ -25,16 +25,35 @@ def test_rewrite_verdict_matches_checker():
             rw = line.split(" V")[1][:-2]
             # the verdict is Y iff every lemma holds
             assert ok == ("-" not in rw)
-    assert sm.verify_line(probs[0].question, "12/34")[0].endswith("Vx N")
+    assert sm.verify_line(probs[0].question, "12/34")[0].endswith("V" + sm.ANSWER + "x N")
     direct, ok = sm.verify_line(probs[0].question, probs[0].answer, lemmas="none")
-    assert ok and direct.endswith(" V Y")
+    assert ok and direct.endswith(" V" + sm.ANSWER + " Y")
     mk, ok = sm.verify_line(probs[0].question, probs[0].answer, lemmas="marks")
-    assert ok and mk.endswith(" Vr++++c++++b++++k+ Y")
+    assert ok and mk.endswith(" V" + sm.ANSWER + "r++++c++++b++++k+ Y")
     assert search.SudokuFormat().verdict_query(probs[0], probs[0].answer, " Y").endswith(" V ")
     assert sm.divergences("1234/3412/2143/4321", "1234/3412/2143/4312") == "43:2|1 44:1|2"
     fmt = search.SudokuFormat()
     assert fmt.parse_verdict("r1234+ k+ Y") == 1 and fmt.parse_winner("12:3|4 B") == "B"
     assert fmt.verdict_query(probs[0], "1234/3412/2143/4321", "rxx Y").endswith("V" + "rxx ")
+
+
+def test_corruptions_are_wrong_and_varied():
+    """Oracle: the checker rejects every corruption; the three kinds all occur (a row swap keeps every row valid,
+    another valid grid keeps every group valid and breaks the clues)."""
+    rng = random.Random(0)
+    kinds = set()
+    for p in tasks.sudoku_problems(40, 3):
+        puz = tasks.text_to_grid(p.question, 4)
+        for _ in range(10):
+            c = sm.corrupt(p, rng)
+            g = tasks.text_to_grid(c, 4)
+            assert not tasks.sudoku_valid(puz, g, 4)
+            line, ok = sm.verify_line(p.question, c, "rewrite")
+            assert not ok and line.endswith(" N")
+            rows_ok = all(len(set(g[4 * r:4 * r + 4])) == 4 for r in range(4))
+            kinds.add("k-" if line.split(sm.ANSWER)[1].count("-") == 1 and "k-" in line else
+                      "rows kept" if rows_ok else "row broken")
+    assert kinds == {"k-", "rows kept", "row broken"}
 
 
 def test_tiny_training_round_and_local_search(tmp_path):
