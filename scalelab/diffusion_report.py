@@ -94,7 +94,7 @@ def forward_ceiling(model: Transformer, block: int, n: int, reps: int) -> float:
     cost = {}
     for T in (1, block, 2 * block):
         cache = KVCache(model.cfg, n, model.cfg.context, device="cpu")
-        cache.length = model.cfg.context // 2
+        cache.length = max(0, min(model.cfg.context // 2, model.cfg.context - 2 * block))  # a mid-window past
         idx = torch.zeros(n, T, dtype=torch.long)
         mask = torch.ones(T, cache.length + T, dtype=torch.bool)
         times = []

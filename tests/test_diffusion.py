@@ -2,6 +2,7 @@
 AR NLL, KV-cached == uncached sampling; the (β, ω) search; exact resume of a BD3 run; bad inputs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -247,3 +248,26 @@ def test_sampling_an_ar_run_as_bd3_is_refused(corpus_dir, cache_dir, tmp_path):
     p = run_cli("train", "--quiet", "--out", str(tmp_path / "ft"),
                 *tiny_overrides(corpus_dir, cache_dir, **{"diffusion.block_size": 4, "diffusion.init_from": str(out)}))
     assert p.returncode == 2 and "is an autoregressive run" in p.stderr
+
+
+def test_sampling_frontier_report_and_plot(tmp_path):
+    """The report's speed/quality frontier end to end on tiny models: rows for every sampler and stream count,
+    speeds relative to AR measured in the same call, a positive ceiling, and the Markdown/PNG it feeds."""
+    from scalelab import config as configmod
+    from scalelab import diffusion_report as dr
+
+    ar, l16 = tiny_model(L=32, seed=1), tiny_model(L=32, seed=2)
+    rows = dr.sampling_frontier(ar, l16, 16, (1, 2), 32, 1, 0, ar)
+    assert [(r["n"], r["tokens_per_step"]) for r in rows] == [(n, t) for n in (1, 2) for t in (1, 1, 2, 4)]
+    assert all(r["speedup"] > 0 and r["ceiling"] > 0 and r["gen_ppl"] > 1 for r in rows)
+    assert [r["speedup"] for r in rows if r["name"] == "AR"] == [1.0, 1.0]
+    res = {k: {"nll": 3.0 + i / 10, "se": 0.01, "block": b} for i, (k, b) in
+           enumerate([("ar", 0), ("l4", 4), ("l16", 16), ("mdlm", 32)])}
+    ppl = {k: math.exp(v["nll"]) for k, v in res.items()}
+    dr._plot(tmp_path, res, ppl, 32, rows)
+    assert (tmp_path / "bd3lm.png").is_file()
+    r = {"res": res, "ppl": ppl, "gen": {k: 100.0 for k in res}, "clips": {}, "frontier": rows, "holds": True,
+         "order": ["ar", "l4", "l16", "mdlm"], "ctx": 32, "steps": 10, "pre_steps": 7,
+         "cfg": configmod.Config(), "reps": 1, "n_samples": 2, "val_windows": 4}
+    measured, text = dr.body(r)
+    assert "ceiling" in measured and "| 1 | BD3 L′=16 T=4 | 4 |" in text
