@@ -403,6 +403,10 @@ class SearchConfig:
     prices_file: str = ""
     retries: int = 3
     threads: int = 0  # torch threads for local backends (0 = torch's default; 1 is best on a busy CPU)
+    # An LLM judge (a backend spec) for MATH-style free-form answers that the programmatic comparison rejects,
+    # as the paper grades with one (§5, App. A.2). Grading, not the method: its calls go to judge.jsonl and
+    # are left out of the method's token and dollar costs. "" = programmatic comparison only.
+    judge: str = ""
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -423,7 +427,7 @@ class SearchConfig:
 
     CALL_FIELDS = ("backend", "verifier", "task", "n_problems", "task_seed", "prompts", "k_inf", "k_verif", "k_tie",
                    "temperature", "verify_temperature", "tie_temperature", "max_tokens", "verify_max_tokens",
-                   "score", "prelim", "prelim_k", "prelim_min", "prelim_cap", "seed")
+                   "score", "prelim", "prelim_k", "prelim_min", "prelim_cap", "seed", "judge")
 
 
 def derive_seed(seed: int, key: str) -> int:
@@ -575,14 +579,17 @@ class Searcher:
     """Runs (or resumes) a primary run, call by call, writing every call to the transcripts."""
 
     def __init__(self, cfg: SearchConfig, run_dir: Path, task: tasksmod.Task, gen: Backend | None,
-                 ver: Backend | None, fmt):
+                 ver: Backend | None, fmt, judge: Backend | None = None):
         self.cfg, self.run_dir, self.task, self.gen, self.ver, self.fmt = cfg, Path(run_dir), task, gen, ver, fmt
+        self.judge = judge
         self.tr = Transcripts(self.run_dir / "transcripts.jsonl")
+        self.grades = Transcripts(self.run_dir / "judge.jsonl")  # the LLM judge's calls: grading, not the method
 
     def call(self, key: str, phase: str, pid: str, backend: Backend | None, prompt: Prompt, n: int = 1,
              temperature: float = 0.0, max_tokens: int = 0, stop: list[str] | None = None,
-             prob: tuple[str, str] | None = None) -> dict:
-        rec = self.tr.get(key)
+             prob: tuple[str, str] | None = None, log: Transcripts | None = None) -> dict:
+        tr = log or self.tr
+        rec = tr.get(key)
         if rec is not None:
             return rec
         if backend is None:
@@ -594,7 +601,7 @@ class Searcher:
             r = backend.prob_yes(prompt, *prob)
         else:
             r = backend.generate(prompt, n, temperature, max_tokens, stop or [], seed)
-        return self.tr.add({
+        return tr.add({
             "key": key, "phase": phase, "problem": pid, "backend": backend.name, "price": backend.price,
             "prompt": prompt, "n": n, "temperature": temperature, "max_tokens": max_tokens, "seed": seed,
             "outputs": [dataclasses.asdict(o) for o in r.outputs], "p_yes": r.p_yes,
@@ -611,7 +618,7 @@ class Searcher:
         rec.responses = [o["text"] for o in g["outputs"]]
         rec.answers = [self.task.extract(p, t) for t in rec.responses]
         rec.keys = [self.task.key(p, a) for a in rec.answers]
-        rec.correct = [self.task.is_correct(p, a) for a in rec.answers]
+        rec.correct = [self._correct(p, a) for a in rec.answers]
         k = len(rec.responses)
         rec.verdicts = [[] for _ in range(k)]
         rec.dropped = [False] * k
@@ -629,6 +636,19 @@ class Searcher:
         if c.tiebreak:
             self._select(rec)
         return rec
+
+    def _correct(self, p: tasksmod.Problem, answer: str | None) -> bool:
+        """The programmatic check; for MATH-style answers it rejects, the LLM judge when one is configured."""
+        if self.task.is_correct(p, answer):
+            return True
+        if not self.cfg.judge or answer is None or p.kind != "math":
+            return False
+        prompt = [{"role": "user", "content": prompt_file("sss-judge-v1.txt").format(
+            question=p.question, reference=p.answer, answer=answer)}]
+        key = f"judge:{p.id}:{hashlib.sha256(answer.encode()).hexdigest()[:12]}"  # one call per distinct answer
+        r = self.call(key, "judge", p.id, self.judge, prompt, 1, 0.0, 8, [], log=self.grades)
+        text = r["outputs"][0]["text"].strip().lower() if r["outputs"] else ""
+        return text.startswith("yes")
 
     def _verify(self, rec: ProblemRecord, i: int, part: int, n: int) -> None:
         c, p, resp = self.cfg, rec.problem, rec.responses[i]
@@ -750,7 +770,8 @@ def load_config(run_dir: Path) -> SearchConfig:
 
 
 def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backend | None = None,
-               ver: Backend | None = None, progress: Callable[[int, int], None] | None = None) -> list[ProblemRecord]:
+               ver: Backend | None = None, progress: Callable[[int, int], None] | None = None,
+               judge: Backend | None = None) -> list[ProblemRecord]:
     """The primary run: every problem's samples, verifications and tie-breaks, resumable."""
     cfg.validate()
     if cfg.threads:
@@ -761,8 +782,10 @@ def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backe
         gen = make_backend(cfg.backend, cfg.retries)
     if ver is None and cfg.verifier != "checker":
         ver = gen if cfg.verifier == "same" else make_backend(cfg.verifier, cfg.retries)
+    if judge is None and cfg.judge:
+        judge = make_backend(cfg.judge, cfg.retries)
     task = prepare_run(cfg, run_dir, resume)
-    s = Searcher(cfg, run_dir, task, gen, ver, make_format(cfg.prompts))
+    s = Searcher(cfg, run_dir, task, gen, ver, make_format(cfg.prompts), judge)
     out = []
     for n, p in enumerate(task.problems):
         try:

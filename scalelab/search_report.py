@@ -213,6 +213,8 @@ def search_main(
     ctx: typer.Context,
     backend: Annotated[str, typer.Option(help="local:smollm2 | local:FILE.gguf | run:RUN_DIR | openai:<url>#<model>")] = "local:smollm2",
     verifier: Annotated[str, typer.Option(help="same | checker | another backend spec")] = "same",
+    judge: Annotated[str, typer.Option(help="backend spec of an LLM judge for MATH-style answers the programmatic "
+                                            "check rejects (grading only: judge.jsonl, not in the costs)")] = "",
     tasks: Annotated[str, typer.Option("--tasks", help="arithmetic[:LEVEL] | sudoku[:CLUES] | FILE.jsonl")] = "arithmetic",
     n: Annotated[int, typer.Option("-n", help="problems")] = 20,
     k: Annotated[int, typer.Option("--k", help="k_inf: candidates per problem")] = 16,
@@ -248,7 +250,8 @@ def search_main(
                               verify_temperature=verify_temperature, tie_temperature=verify_temperature,
                               max_tokens=max_tokens, verify_max_tokens=verify_max_tokens, score=score,
                               trigger=trigger, prelim=prelim, seeds=seeds, seed=seed, price=price,
-                              verifier_price=verifier_price, prices_file=str(prices or ""), threads=threads)
+                              verifier_price=verifier_price, prices_file=str(prices or ""), threads=threads,
+                              judge=judge)
     cfg.validate()
     run_dir = out or Path("runs") / "search" / Path(tasks.replace(":", "-")).stem
     search.run_search(cfg, run_dir, progress=lambda i, t: log.info(f"problem {i}/{t} done"))

@@ -13,8 +13,8 @@ Notable choices:
   is why checking is easier than solving here (issue 7, item 6).
 - Numeric equivalence is exact: both sides are parsed as fractions after removing `$`, `,`, `%` and units
   words, so "1,000", "1000.0" and "$1000" agree. MATH-style answers that are not numbers are compared after
-  a light LaTeX normalisation; the paper matches answers with an LLM judge (§5, Appendix A.2) - pass a
-  `judge` callable to `Task` for that.
+  a light LaTeX normalisation; the paper matches answers with an LLM judge (§5, Appendix A.2): the search's
+  `--judge BACKEND` asks one about the MATH-style answers this comparison rejects.
 - The JSONL loaders report the line number of a bad line (a `DataError`).
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
@@ -402,12 +401,11 @@ def load_jsonl(path: str | Path, style: str = "auto", limit: int = 0) -> list[Pr
 # ------------------------------------------------------------------------------------------ Task
 @dataclass
 class Task:
-    """Problems plus how to read and check an answer. `judge(question, reference, answer) -> bool` is the
-    optional LLM judge for free-form answers (used only when the programmatic comparison says no)."""
+    """Problems plus how to read and check an answer (programmatically; the search's optional LLM judge,
+    `--judge`, takes over for MATH-style answers this rejects)."""
 
     name: str
     problems: list[Problem]
-    judge: Callable[[str, str, str], bool] | None = None
 
     def extract(self, problem: Problem, response: str) -> str | None:
         if problem.kind == "sudoku":
@@ -422,11 +420,7 @@ class Task:
         if problem.kind == "sudoku":
             size = problem.meta.get("size", 4)
             return sudoku_valid(text_to_grid(problem.question, size), text_to_grid(answer, size), size)
-        if answers_equivalent(answer, problem.answer):
-            return True
-        if self.judge is not None and problem.kind == "math":
-            return bool(self.judge(problem.question, problem.answer, answer))
-        return False
+        return answers_equivalent(answer, problem.answer)
 
     def key(self, problem: Problem, answer: str | None) -> str | None:
         """Voting key: equivalent answers collide."""

@@ -2,6 +2,7 @@
 estimator, resume without redoing calls, rescore without calls, bad input. The backend here is a scripted
 test double (it reads the puzzle's solution), used only to check the selection and bookkeeping logic."""
 
+import dataclasses
 import itertools
 import json
 import random
@@ -168,6 +169,41 @@ def test_run_resume_rescore(tmp_path):
 
     rep = write_report(tmp_path / "full").read_text()
     assert "Table 1" in rep and (tmp_path / "full" / "curves.png").is_file() and "sudoku-model-v1" in rep
+
+
+class Algebra:
+    """Generator and judge doubles for a MATH-style task: answers written differently from the reference."""
+
+    name, price, logprobs = "algebra", "local", False
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompt, n, temperature, max_tokens, stop, seed):
+        self.calls += 1
+        text = prompt[-1]["content"]
+        if "Reply with one word" in text:  # the judge: 1+x^2 is x^2+1, 2x+2 is not
+            outs = [search.Output("Yes" if "1+x^2" in text.split("final answer:")[1] else "No", 1)]
+        else:
+            outs = [search.Output(f"So the answer is \\boxed{{{a}}}.", 8) for a in (["1+x^2", "2x+2"] * n)[:n]]
+        return search.CallResult(outs, 10, sum(o.tokens for o in outs), 0, 10)
+
+
+def test_llm_judge_grades_free_form_answers(tmp_path):
+    f = tmp_path / "math.jsonl"
+    f.write_text(json.dumps({"problem": "Expand (x^2+1).", "solution": "It is $\\boxed{x^2+1}$."}) + "\n")
+    cfg = search.SearchConfig(backend="algebra", verifier="checker", task=str(f), n_problems=1, k_inf=4, k_verif=1,
+                              tiebreak=False, seeds=2, max_tokens=20, judge="algebra")
+    without = search.SearchConfig(**{**dataclasses.asdict(cfg), "judge": ""})
+    b = Algebra()
+    search.run_search(without, tmp_path / "plain", gen=b)
+    assert search.analyse(tmp_path / "plain")["accuracy"]["Pass@1"] == 0  # "1+x^2" ≠ "x^2+1" as strings
+    search.run_search(cfg, tmp_path / "judged", gen=b, judge=b)
+    m = search.analyse(tmp_path / "judged")  # rescored from transcripts: no backend given
+    assert m["accuracy"]["Pass@1"] == 0.5 and m["accuracy"]["Pass@4"] == 1.0
+    grades = [json.loads(x) for x in (tmp_path / "judged" / "judge.jsonl").read_text().splitlines()]
+    assert len(grades) == 2 and all(g["phase"] == "judge" for g in grades)  # one per distinct answer
+    assert m["usage"]["generate"]["calls"] == 1  # the judge's calls are grading, not the method's cost
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
