@@ -261,6 +261,25 @@ def search_main(
     typer.echo(f"report: {path}")
 
 
+@search_app.command("bench")
+def bench(run: Annotated[Path, typer.Argument(help="a search run directory")],
+          verifier: Annotated[str, typer.Option(help="backend spec to score (default: the run's verifier)")] = "",
+          k: Annotated[int, typer.Option("--k", help="samples per question (Pass@1 and Cons@k)")] = 5,
+          seed: Annotated[int, typer.Option()] = 0,
+          out: Annotated[Optional[Path], typer.Option(help="output directory (default RUN/bench)")] = None) -> None:
+    """Build a verification benchmark from a search run and score a verifier on it (the paper's §6)."""
+    from scalelab import verifbench
+    from scalelab.cli import _setup_logging
+
+    _setup_logging()
+    m = verifbench.run(run, out or run / "bench", verifier, k, seed)
+    a = m["accuracy"]
+    typer.echo(f"{m['items']} entries | scoring correct {100 * a['correct@1']:.1f}% / wrong {100 * a['wrong@1']:.1f}% "
+               f"| comparison {100 * a['compare@1']:.1f}% (Pass@1); Cons@{k}: {100 * a['correct@k']:.1f}% / "
+               f"{100 * a['wrong@k']:.1f}% / {100 * a['compare@k']:.1f}%")
+    typer.echo(f"report: {(out or run / 'bench') / 'report.md'}")
+
+
 @search_app.command("rescore")
 def rescore(run: Annotated[Path, typer.Argument(help="a search run directory")],
             trigger: Annotated[Optional[str], typer.Option(

@@ -206,6 +206,27 @@ def test_llm_judge_grades_free_form_answers(tmp_path):
     assert m["usage"]["generate"]["calls"] == 1  # the judge's calls are grading, not the method's cost
 
 
+def test_verification_benchmark_from_a_run(tmp_path):
+    """Entries hold one correct and one wrong response (per the checker); the Scripted verifier is right 90% of
+    the time and its comparator 80%, so the benchmark must find a good verifier, and rescoring needs no calls."""
+    from scalelab import verifbench
+
+    b = Scripted()
+    search.run_search(_cfg(n_problems=12), tmp_path / "run", gen=b, ver=b)
+    items = verifbench.build_items(tmp_path / "run")
+    assert items and all(it["correct"] != it["wrong"] for it in items)
+    for it in items:
+        p = tasks.Problem(**it["problem"])
+        task = tasks.Task("t", [p])
+        assert task.is_correct(p, it["correct_answer"]) and not task.is_correct(p, it["wrong_answer"])
+    m = verifbench.run(tmp_path / "run", tmp_path / "bench", k=5, backend=b)
+    a = m["accuracy"]
+    assert m["items"] == len(items) and a["correct@k"] >= 0.8 and a["wrong@k"] >= 0.8 and a["compare@k"] >= 0.6
+    again = verifbench.score(items, tmp_path / "bench", None, "sudoku", k=5)  # transcripts only
+    assert again["accuracy"] == a
+    assert "Table 7" in (tmp_path / "bench" / "report.md").read_text()
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     b = Scripted()
     search.run_search(_cfg(n_problems=1), tmp_path / "r", gen=b, ver=b)
