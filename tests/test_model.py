@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from scalelab.config import ModelConfig
 from scalelab.model import (DyT, KVCache, Transformer, apply_rope, dyt_alpha_init, generate, rope_tables,
@@ -190,3 +189,50 @@ def test_sampling_follows_the_sorted_nucleus(top_k, top_p, scale):
         freq = torch.bincount(draws[:, r], minlength=24).double() / n
         assert bool((freq[ref[r] == 0] == 0).all())  # never outside the nucleus
         assert (freq - ref[r]).abs().max() < 0.012  # 4.8 standard errors at p = 0.5
+
+
+def test_dyt_alpha_table_and_interpolation():
+    assert dyt_alpha_init(1024) == (1.0, 1.0)
+    assert dyt_alpha_init(2048) == (1.0, 0.5)
+    assert dyt_alpha_init(4096) == (0.8, 0.2)
+    assert dyt_alpha_init(8192) == (0.2, 0.05)
+    assert dyt_alpha_init(128) == (1.0, 1.0)  # below the table: held at the smallest entry
+    assert dyt_alpha_init(16384) == (0.2, 0.05)
+    a, o = dyt_alpha_init(5120)  # LLaMA 13B, Table 11: 0.6 / 0.15
+    assert a == pytest.approx(0.6, abs=0.01) and o == pytest.approx(0.15, abs=0.01)
+
+
+def test_dyt_replaces_every_norm_with_right_init():
+    c = cfg(norm="dyt", d_model=64)
+    m = Transformer(c)
+    dyts = [mod for mod in m.modules() if isinstance(mod, DyT)]
+    assert len(dyts) == 2 * c.n_layer + 1
+    assert not any(isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm)) for mod in m.modules())
+    for blk in m.blocks:
+        assert blk.attn_norm.alpha.shape == (1,) and blk.attn_norm.alpha.item() == 1.0
+    assert m.embed_scale.item() == pytest.approx(8.0)
+    wide = Transformer(cfg(norm="dyt", d_model=4096, n_head=32, n_kv_head=8, n_layer=1, vocab_size=8))
+    assert wide.blocks[0].attn_norm.alpha.item() == pytest.approx(0.8)
+    assert wide.blocks[0].mlp_norm.alpha.item() == pytest.approx(0.2)
+    assert wide.norm.alpha.item() == pytest.approx(0.2)
+    custom = Transformer(cfg(norm="dyt", dyt_alpha_attn=0.3, dyt_alpha_other=0.7))
+    assert custom.blocks[1].attn_norm.alpha.item() == pytest.approx(0.3)
+    assert custom.norm.alpha.item() == pytest.approx(0.7)
+
+
+def test_dyt_formula():
+    d = DyT(8, 0.7)
+    with torch.no_grad():
+        d.weight.copy_(torch.linspace(0.5, 2, 8))
+        d.bias.copy_(torch.linspace(-1, 1, 8))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(d(x), d.weight * torch.tanh(0.7 * x) + d.bias)
+    assert sum(p.numel() for p in d.parameters()) == 1 + 8 + 8
+
+
+def test_flops_per_token_counts_matmuls():
+    c = cfg(n_layer=1, d_model=64, n_head=4, n_kv_head=4, ffn_hidden=128)
+    m = Transformer(c)
+    per_layer = 4 * 64 * 64 + 3 * 64 * 128  # q,k,v,o + gate,up,down
+    head = 64 * 97
+    assert m.flops_per_token(32) == 6 * (per_layer + head + 3 * 64) + 6 * 1 * 32 * 64  # + norm weights
