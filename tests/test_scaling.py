@@ -66,3 +66,17 @@ def test_sweep_cli_runs_the_grid_and_fits(corpus_dir, cache_dir, tmp_path):
                      (["--replicas", "3"], "divisible by every M")):
         q = run_cli("sweep", "diloco", "--out", str(out / "bad"), *bad, *sets)
         assert q.returncode == 2 and len(q.stderr.strip().splitlines()) == 1 and msg in q.stderr, q.stderr
+
+
+def test_diloco_hparams_from_the_paper_fits():
+    """Anchors from the paper's tables: DP's fitted inner lr at 2.4B is 3.4e-4 (Table 8); the joint fit rises
+    with M as M^0.2929 (Table 10); outer lrs per M from Fig. 7; M outside the paper's grid is refused."""
+    from scalelab import scaling
+
+    a, x = scaling.INNER_LR_DP
+    assert abs(a * 2.4e9 ** x - 3.4e-4) < 0.05e-4
+    r1, o1 = scaling.diloco_hparams(35e6, 1)
+    r4, o4 = scaling.diloco_hparams(35e6, 4)
+    assert abs(r4 / r1 - 4 ** 0.2929) < 1e-9 and 0.4 < r1 < 0.5 and (o1, o4) == (0.4, 0.6)
+    with pytest.raises(ScalelabError):
+        scaling.diloco_hparams(35e6, 3)
