@@ -31,8 +31,9 @@ The recipe:
   bare k+/k- (two seeds): Pass@1 33 / 47%, Consistency@16 53 / 68%, Verification@16 49 / 62%, P(Y)-weighted
   vote 68 / 88%, AUROC 0.79 / 0.83; copies and group checks were right ≥ 98% of the time, the clue check about
   64%. Restating it as clue/digit pairs was not learned (6%). Restating it cell by cell in the puzzle's shape
-  (the default now; one seed so far): Pass@1 33%, Consistency@16 54%, Verification@16 55%, P(Y)-weighted vote
-  71%, AUROC 0.86; the clue lemma is still written right only about 55% of the time.
+  (the default now; two seeds): Pass@1 33 / 39%, Consistency@16 54 / 55%, Verification@16 55 / 53%,
+  P(Y)-weighted vote 71 / 69%, AUROC 0.86 / 0.76, within seed noise of the bare check; the clue lemma is still
+  written right only about 55% of the time.
 - The comparison line follows the first principle: it lists the cells where the two answers diverge, then
   names the correct one.
 
