@@ -9,7 +9,8 @@
 - A byte-level BPE is trained on the train split only; tokens (documents joined by end-of-text) are stored
   as uint16 memmaps. Everything is cached under a key of the corpus content and the data config.
 - `data.loss_after` turns on answer-only training: a parallel uint8 mask marks the tokens after the marker on
-  each line, and batches carry -100 (ignored by the loss) at every other target.
+  each line, and batches carry -100 (ignored by the loss) at every other target. An answer whose line starts
+  before its window is not trained on either: its question is cut off, so it could only be guessed.
 - The batch iterator cuts the token stream into non-overlapping windows and visits them in a seeded random
   order per epoch; its position (epoch, index) is all the state a checkpoint needs to resume it exactly.
 """
@@ -33,7 +34,7 @@ from scalelab import tokenizer as tokmod
 from scalelab.config import DataConfig
 from scalelab.errors import DataError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 PIECE_BYTES = 16384
 
 
@@ -173,7 +174,7 @@ class Prepared:
         return np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
 
     def mask(self, split: str) -> np.ndarray | None:
-        """1 where a token is trained on (`data.loss_after`), else None: every token is."""
+        """Per token (`data.loss_after`): bit 0 set where it is trained on, bit 1 where a line starts; None without `loss_after`: every token is trained on."""
         path = self.dir / f"{split}.mask"
         return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
 
@@ -215,7 +216,7 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
             if marker:
                 ids, mask, nbytes = _encode_masked(tok, texts, marker, eot)
                 np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{split}.mask")
-                meta[split] = {"docs": len(texts), "bytes": nbytes, "tokens": int(sum(mask)), "all_tokens": len(ids)}
+                meta[split] = {"docs": len(texts), "bytes": nbytes, "tokens": int(sum(k & 1 for k in mask)), "all_tokens": len(ids)}
                 if split == "train" and not any(marker in t for t in texts):
                     raise DataError(f"no line of the corpus holds the data.loss_after marker {marker!r}")
             else:
@@ -239,7 +240,8 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
 
 
 def _encode_masked(tok, texts: list[str], marker: str, eot: int) -> tuple[list[int], list[int], int]:
-    """Token ids, their loss mask (1 = trained on) and the bytes of the trained-on text, for `loss_after`.
+    """Token ids, their loss mask (bit 0: trained on; bit 1: first token of a line) and the bytes
+    of the trained-on text, for `loss_after`.
 
     Each line is cut at its first marker; the two parts are tokenized apart, so no token straddles the cut.
     `bytes` and the mask's sum give bits per byte over the answers. End-of-text between documents: no loss.
@@ -249,9 +251,9 @@ def _encode_masked(tok, texts: list[str], marker: str, eot: int) -> tuple[list[i
         for line in t.splitlines(keepends=True):
             pre, hit, post = line.partition(marker)
             if hit:
-                parts += [(pre, 0), (post, 1)]
+                parts += [(pre, 2), (post, 1)]
             else:
-                parts.append((line, 1))
+                parts.append((line, 3))
         parts.append(("", -1))  # end of document
     ids: list[int] = []
     mask: list[int] = []
@@ -264,8 +266,8 @@ def _encode_masked(tok, texts: list[str], marker: str, eot: int) -> tuple[list[i
                 mask.append(0)
                 continue
             ids.extend(enc.ids)
-            mask.extend([keep] * len(enc.ids))
-            nbytes += len(text.encode("utf-8")) if keep else 0
+            mask.extend([keep] + [keep & 1] * (len(enc.ids) - 1) if enc.ids else [])
+            nbytes += len(text.encode("utf-8")) if keep & 1 else 0
     return ids, mask, nbytes
 
 
@@ -315,8 +317,13 @@ class Batches:
         t = torch.from_numpy(buf)
         x, y = t[:, :-1], t[:, 1:]
         if self.mask is not None:
-            m = np.stack([np.asarray(self.mask[w * T + 1: w * T + T + 1], dtype=bool) for w in mine])
-            y = y.masked_fill(~torch.from_numpy(m), -100)
+            m = np.stack([np.asarray(self.mask[w * T: w * T + T + 1]) for w in mine])
+            keep = (m[:, 1:] & 1).astype(bool)
+            # targets before the window's first line start belong to a line whose question is cut off
+            starts = (m & 2).astype(bool)
+            first = np.where(starts.any(1), starts.argmax(1), T + 1)
+            keep &= np.arange(1, T + 1)[None, :] >= first[:, None]
+            y = y.masked_fill(~torch.from_numpy(keep), -100)
         return x, y
 
 

@@ -327,12 +327,12 @@ class ChatFormat:
 
 
 class SudokuFormat:
-    """The one-line formats of the Sudoku model trained here (`prompts/sudoku-model-v1.txt`, built by
-    `sudoku_model.py`): solve, verify (rewrite as row/column/box lemmas with their checks, then Y/N) and
-    compare (the cells where the two diverge, then A/B). A newline ends every answer."""
+    """The one-line formats of the Sudoku model trained here (`prompts/sudoku-model-v2.txt`, built by
+    `sudoku_model.py`): solve, verify (rewrite as clue, row, column and box lemmas with their checks, then
+    Y/N) and compare (the cells where the two diverge, then A/B). A newline ends every answer."""
 
     yes, no = "Y", "N"
-    files = ["sudoku-model-v1.txt"]
+    files = ["sudoku-model-v2.txt"]
     stop = ["\n"]
 
     @staticmethod

@@ -361,7 +361,7 @@ def sss_section(out: Path, quick: bool):
     run = sudoku_model.train_sudoku_model(model_dir, sv)
     cfg = search.SearchConfig(backend=f"run:{run}", task="sudoku:4", n_problems=20 if quick else 200,
                               prompts="sudoku", k_inf=8 if quick else 16, k_verif=2, k_tie=2, temperature=1.0,
-                              max_tokens=24, verify_max_tokens=100, score="prob", seeds=20)
+                              max_tokens=24, verify_max_tokens=140, score="prob", seeds=20)
     sd = out / "sudoku-search"
     search.run_search(cfg, sd)
     m = search.analyse(sd)

@@ -83,7 +83,7 @@ def test_answer_only_mask_marks_exactly_the_answers(tmp_path):
     tok = tokenizer.load(p.tokenizer_path)
     got = []
     for split in ("train", "val"):
-        ids, m = np.asarray(p.tokens(split)), np.asarray(p.mask(split)).astype(bool)
+        ids, m = np.asarray(p.tokens(split)), (np.asarray(p.mask(split)) & 1).astype(bool)
         assert len(ids) == len(m) and p.meta[split]["tokens"] == m.sum()
         text = tok.decode(ids.tolist(), skip_special_tokens=False)
         assert "\x1f" not in text  # the marker is dropped
@@ -98,6 +98,17 @@ def test_answer_only_mask_marks_exactly_the_answers(tmp_path):
     assert sorted(got) == sorted(answers + ["a plain line, trained on in full\n"])
     x, y = data.Batches(p.tokens("train"), 32, 4, seed=0, mask=p.mask("train")).next()
     assert ((y == -100) | (y >= 0)).all() and (y == -100).any() and (y != -100).any()
+    # brute force: a target is trained on iff its token is an answer token and its line starts inside the window
+    mask, T = np.asarray(p.mask("train")), 32
+    it = data.Batches(p.tokens("train"), T, 4, seed=0, mask=p.mask("train"))
+    for _ in range(20):
+        windows = [int(w) for w in it._order(it.epoch)[it.index:it.index + 4]]
+        _, y = it.next()
+        for row, w in enumerate(windows):
+            for i in range(T):
+                t = w * T + i + 1
+                start = max(s for s in range(t + 1) if mask[s] & 2)
+                assert (y[row, i] != -100) == bool(mask[t] & 1 and start >= w * T)
     logits = torch.randn(4, 32, 257)
     from scalelab.model import loss_fn
     keep = y != -100
