@@ -31,12 +31,16 @@ The recipe:
   Measured with an earlier layout (groups first, clues last; 3.1M parameters, round 0 only with half
   verification lines, 100 held-out puzzles, k = 8): verifier AUROC 0.82 with "rewrite", 0.53 with "marks"
   and 0.51 with "none".
-- What the layout changed (search on 200 held-out 4-clue puzzles, k_inf = 16, k_verif = 2, P(Y), seed 0).
-  With the clue lemma last, read from puzzle cells ~100 tokens back, the verifier wrote a broken clue as
-  broken 13% of the time and topped out at AUROC 0.76-0.86 over four runs; Verification@16 was within a few
-  points of Consistency@16, on either side. With the clue lemma first, as adjacent pairs (same schedule):
-  broken clues caught 90% of the time, verdicts right 96%, AUROC 0.97, Verification@16 78.5% vs
-  Consistency@16 53.6% (+24.9, 95% CI +18.7 to +31.0), Pass@16 83.5%.
+- What the layout changed (search on 200 held-out 4-clue puzzles, k_inf = 16, k_verif = 2, P(Y), seed 0,
+  500 round-0 steps). With the clue lemma last, read from puzzle cells ~100 tokens back, the verifier wrote a
+  broken clue as broken 13% of the time and topped out at AUROC 0.76-0.86 over four runs; Verification@16 was
+  within 6 points of Consistency@16, on either side. With the clue lemma first, as adjacent pairs: broken
+  clues caught 90% of the time, verdicts right 96%, AUROC 0.97, Verification@16 78.5% vs Consistency@16 53.6%.
+- The defaults, two seeds: Pass@1 48.2 / 46.1%, Consistency@16 65.0 / 57.2%, Verification@16 91.0 / 66.5%
+  (gap +26.0 / +9.3, both 95% CIs above 0), P(Y)-weighted vote 91.5 / 80.0%, Pass@16 92.0 / 95.0%, AUROC
+  0.995 / 0.880. Seed 1's verifier writes the final "every clue kept" mark wrong in a third of verifications
+  (seed 0: 2%): an aggregation over 16 marks ~50 tokens apart. Folding each row's clue marks into that row's
+  check, so that every aggregation is local, is the next thing to try.
 - The comparison line follows the first principle: it lists the cells where the two answers diverge, then
   names the correct one.
 
