@@ -327,12 +327,12 @@ class ChatFormat:
 
 
 class SudokuFormat:
-    """The one-line formats of the Sudoku model trained here (`prompts/sudoku-model-v2.txt`, built by
+    """The one-line formats of the Sudoku model trained here (`prompts/sudoku-model-v3.txt`, built by
     `sudoku_model.py`): solve, verify (rewrite as clue, row, column and box lemmas with their checks, then
     Y/N) and compare (the cells where the two diverge, then A/B). A newline ends every answer."""
 
     yes, no = "Y", "N"
-    files = ["sudoku-model-v2.txt"]
+    files = ["sudoku-model-v3.txt"]
     stop = ["\n"]
 
     @staticmethod

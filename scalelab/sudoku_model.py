@@ -70,10 +70,11 @@ def rewrite(puzzle: str, cand: str) -> tuple[str, bool]:
 
     First the clues and rows, row by row: for each cell the puzzle's character and the candidate's digit
     copied side by side, then the check of that pair ('.' blank, '=' the clue kept, 'x' broken); after each
-    row whether its digits differ ('+'/'-'), after the last whether every clue is kept. Then every column and
-    box copied out with its check. Each check reads characters written just before it, and the lemmas that
-    read the puzzle come first, nearest to it: read from two cells ~100 tokens back, a clue check was right
-    13% of the time on broken clues (seed 0), which capped the verifier.
+    row '+' if its digits differ and it keeps its clues, else '-'. Then every column and box copied out with
+    its check. Each check reads characters written just before it, and the lemmas that read the puzzle come
+    first, nearest to it: read from two cells ~100 tokens back, a clue check was right 13% of the time on
+    broken clues (seed 0), which capped the verifier. A separate "every clue kept" mark after the last row,
+    an aggregation over marks ~50 tokens apart, was wrong in a third of one seed's verifications.
     """
     g = tasks.text_to_grid(cand, 4)
     puz = tasks.text_to_grid(puzzle, 4)
@@ -88,10 +89,13 @@ def rewrite(puzzle: str, cand: str) -> tuple[str, bool]:
     def part(tag: str, groups) -> str:
         return tag + "".join("".join(map(str, x)) + check(x) for x in groups)
 
-    kept = all(p == 0 or p == d for p, d in zip(puz, g))
     cells = [f"{p or '.'}{d}{'.' if not p else '=' if p == d else 'x'}" for p, d in zip(puz, g)]
-    rows = "/".join("".join(cells[4 * r:4 * r + 4]) + check(g[4 * r:4 * r + 4]) for r in range(4))
-    text = "k" + rows + ("+" if kept else "-") + part("c", cols) + part("b", boxes)
+
+    def row(r: int) -> str:  # its cells, then '+' iff its digits differ and it keeps its clues
+        kept = all(p == 0 or p == d for p, d in zip(puz[4 * r:4 * r + 4], g[4 * r:4 * r + 4]))
+        return "".join(cells[4 * r:4 * r + 4]) + ("+" if kept and check(g[4 * r:4 * r + 4]) == "+" else "-")
+
+    text = "k" + "/".join(row(r) for r in range(4)) + part("c", cols) + part("b", boxes)
     return text, tasks.sudoku_valid(puz, g, 4)
 
 
@@ -103,7 +107,7 @@ def solve_line(p: tasks.Problem) -> str:
 
 
 def marks(rw: str) -> str:
-    """The checks of a rewrite without the copied characters: 'k++++-c+-++b++-+' (or 'x')."""
+    """The checks of a rewrite without the copied characters: 'k++-+c+-++b++-+' (or 'x')."""
     return "x" if rw == "x" else "".join(ch for ch in rw if ch in "kcb+-")
 
 

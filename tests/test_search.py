@@ -168,7 +168,7 @@ def test_run_resume_rescore(tmp_path):
     from scalelab.search_report import write_report
 
     rep = write_report(tmp_path / "full").read_text()
-    assert "Table 1" in rep and (tmp_path / "full" / "curves.png").is_file() and "sudoku-model-v2" in rep
+    assert "Table 1" in rep and (tmp_path / "full" / "curves.png").is_file() and "sudoku-model-v3" in rep
 
 
 class Algebra:
