@@ -36,11 +36,12 @@ The recipe:
   broken clue as broken 13% of the time and topped out at AUROC 0.76-0.86 over four runs; Verification@16 was
   within 6 points of Consistency@16, on either side. With the clue lemma first, as adjacent pairs: broken
   clues caught 90% of the time, verdicts right 96%, AUROC 0.97, Verification@16 78.5% vs Consistency@16 53.6%.
-- The defaults, two seeds: Pass@1 48.2 / 46.1%, Consistency@16 65.0 / 57.2%, Verification@16 91.0 / 66.5%
-  (gap +26.0 / +9.3, both 95% CIs above 0), P(Y)-weighted vote 91.5 / 80.0%, Pass@16 92.0 / 95.0%, AUROC
-  0.995 / 0.880. Seed 1's verifier writes the final "every clue kept" mark wrong in a third of verifications
-  (seed 0: 2%): an aggregation over 16 marks ~50 tokens apart. Folding each row's clue marks into that row's
-  check, so that every aggregation is local, is the next thing to try.
+- With a separate "every clue kept" mark after the rows (v2; 800 round-0 steps, two seeds): AUROC 0.995 /
+  0.880, Verification@16 91.0 / 66.5%; seed 1 wrote that mark wrong in a third of its verifications, an
+  aggregation over marks ~50 tokens apart. Folding each row's clues into its row check (v3, the default) made
+  every aggregation local: Pass@1 39.6 / 44.6%, Consistency@16 63.1 / 61.2%, Verification@16 92.5 / 93.0%
+  (gap +29.4 / +31.8, 95% CIs above +23), P(Y)-weighted vote 92.0 / 93.5%, Pass@16 93.0 / 94.0%, AUROC
+  0.997 / 0.994; verdicts right 96.5 / 97.2% of the time.
 - The comparison line follows the first principle: it lists the cells where the two answers diverge, then
   names the correct one.
 
