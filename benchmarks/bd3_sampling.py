@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from scalelab import tokenizer as tokmod
-from scalelab.diffusion_report import bd3_config, sampling_frontier
-from scalelab.train import load_run, train
+from scalelab.checkpoint import load_run
+from scalelab.papers.bd3lm import bd3_config, sampling_frontier
+from scalelab.train import train
 
 
 def main() -> None:

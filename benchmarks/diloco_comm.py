@@ -45,7 +45,7 @@ def run(strategy: str, out: Path, args: argparse.Namespace, lr: float, outer_lr:
             "distributed.timeout_s": 120}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.procs),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "scalelab.cli", "train",
-           "--quiet", "--recipe", str(ROOT / "recipes" / "tiny.toml"), "--out", str(out), "--strategy", strategy]
+           "--quiet", "--recipe", "tiny", "--out", str(out), "--strategy", strategy]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -82,7 +82,7 @@ def main() -> None:
     from scalelab import config as configmod
     from scalelab.scaling import diloco_hparams, param_count
 
-    cfg = configmod.load(ROOT / "recipes" / "tiny.toml", [f"model.d_model={args.d_model}", "model.n_layer=2",
+    cfg = configmod.load("tiny", [f"model.d_model={args.d_model}", "model.n_layer=2",
                                                           "model.n_head=4", "model.n_kv_head=2"])
     cfg.model.vocab_size = cfg.data.vocab_size
     N = param_count(cfg)

@@ -20,7 +20,7 @@ from scalelab import search
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--backend", default="local:smollm2")
+    ap.add_argument("--backend", default="smollm2")
     ap.add_argument("--tasks", default="arithmetic")
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--k", type=int, default=16)
@@ -34,7 +34,7 @@ def main() -> None:
                               max_tokens=a.max_tokens, verify_max_tokens=a.max_tokens, threads=a.threads,
                               tiebreak=False)
     t0 = time.perf_counter()
-    gen = search.make_backend(cfg.backend)
+    gen = search.search_backend(cfg.backend)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     search.run_search(cfg, out, gen=gen, ver=gen)

@@ -56,7 +56,7 @@ def main() -> None:
     peaks = [mm_flops(device)]
     results = {}
     for mode in args.modes.split(","):
-        cfg = config.load(ROOT / "recipes" / "small.toml",
+        cfg = config.load("small",
                           [f"train.max_steps={args.steps}", "train.log_every=5", f"train.eval_every={args.steps}",
                            f"train.ckpt_every={args.steps}", "train.eval_batches=1", "train.warmup_steps=5",
                            f"train.compile={'true' if mode == 'compile' else 'false'}", f"train.device={args.device}",

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from scalelab.errors import CheckpointError
+from scalelab.errors import CheckpointError, ScalelabError
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -141,3 +141,24 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state in {path} does not fit this model: {e}") from None
     return state
+
+
+def load_run(run_dir: Path):
+    """The config and the newest weights of a run, in eval mode (its tokenizer is `run_dir/tokenizer.json`).
+
+    Reading a run needs only the config and the model: inference never imports the trainer."""
+    from scalelab import config as configmod
+    from scalelab.model import Transformer
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise ScalelabError(f"{run_dir} is not a run directory (no config.toml)")
+    cfg = configmod.load(cfg_path)
+    ck = latest(run_dir / "checkpoints")
+    if ck is None:
+        raise ScalelabError(f"run {run_dir} has no checkpoint yet")
+    model = Transformer(cfg.model)
+    load_weights(ck, model)
+    model.eval()
+    return cfg, model

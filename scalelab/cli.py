@@ -1,11 +1,11 @@
-"""The `scalelab` command: one subcommand per stage of the lab.
+"""The `scalelab` command: every subcommand is a short function that parses flags and calls the library.
 
 Errors a user can cause (a `ScalelabError`, or a bad flag) end with one line on stderr and exit status 2.
+Shell completion: `scalelab --install-completion`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -18,39 +18,31 @@ try:  # typer >= 0.26 vendors its own click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
 
+from scalelab import log as logmod
 from scalelab.errors import ConfigError, ScalelabError
-from scalelab.horizon import horizon_command
-from scalelab.scaling import sweep_app
-from scalelab.search_report import search_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="scalelab: a hackable lab for how language models scale.")
-app.command("horizon", help="METR-style time horizons from a runs file: fits, bootstrap CIs, doubling time, report.")(
-    horizon_command)
+sweep_app = typer.Typer(no_args_is_help=True, help="Run a grid of training runs and fit scaling laws.")
+search_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                         help="Sampling-based search with self-verification (SSS): run, rescore, bench, train the "
+                              "Sudoku model.")
 app.add_typer(sweep_app, name="sweep")
 app.add_typer(search_app, name="search")
 
-
-def _setup_logging(quiet: bool = False) -> None:
-    from rich.logging import RichHandler
-
-    # Logs piped to a file stay one line per message; a terminal gets rich's formatting.
-    handler = (RichHandler(show_time=False, show_path=False, markup=False, console=_stderr()) if sys.stderr.isatty()
-               else logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", handlers=[handler],
-                        force=True)
+MODEL_HELP = "smollm2, a .gguf file, a run directory, or openai:<url>#<model>"
+DTYPE_HELP = "float32 (default) or bfloat16 (faster, changes answers)"
+BF16_WARNING = ("warning: bfloat16 roughly doubles CPU decode speed, but in the measurement behind scalelab's issue 5 "
+                "(SmolLM2-135M on a 2-core CPU) it moved the logits by up to 1.2 and changed 27 of 50 greedy "
+                "answers; float32 is the reference")
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=1e-3")]
 
 
-def _stderr():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
+# ============================================================================================= training
 @app.command()
 def train(
-    recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe, e.g. recipes/tiny.toml")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=1e-3")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="a shipped recipe name (tiny, small, bd3-l4) or a TOML file")] = None,
+    set_: SetOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<recipe name>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its newest checkpoint")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -58,79 +50,16 @@ def train(
         help="single | ddp | diloco (= --set distributed.strategy=...; ddp and diloco run under torchrun)")] = None,
 ) -> None:
     """Train a model from a recipe into a run directory."""
-    from scalelab import config, report, train as trainmod
-    from scalelab.distributed import env_rank
+    from scalelab import config, distributed, report, train as trainmod
 
-    _setup_logging()
+    logmod.setup()
     cfg = config.load(recipe, [*(set_ or []), *([f"distributed.strategy={strategy}"] if strategy else [])])
     run_dir = out or Path("runs") / cfg.name
     summary = trainmod.train(cfg, run_dir, resume=resume, progress=not quiet)
-    if env_rank() != 0:  # under torchrun, rank 0 writes the report and speaks
+    if distributed.env_rank() != 0:  # under torchrun, rank 0 writes the report and speaks
         return
     path = report.run_report(run_dir)
     typer.echo(f"val loss {summary['val_loss']:.4f} nats/token, {summary['val_bpb']:.4f} bits/byte; report: {path}")
-
-
-@app.command()
-def sample(
-    run: Annotated[Path, typer.Option(help="run directory")],
-    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
-    n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
-    max_tokens: Annotated[int, typer.Option(help="new tokens per sample")] = 200,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default 0.8; BD3 runs 1.0)")] = None,
-    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
-    top_p: Annotated[Optional[float], typer.Option(help="nucleus mass; 1 = off (default 0.95; BD3 runs: "
-                                                          "diffusion.top_p)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    mode: Annotated[str, typer.Option(help="auto (from the run) | ar | bd3; a mismatch with the run is an error")] = "auto",
-    steps: Annotated[Optional[int], typer.Option(help="BD3: denoising steps per block, 1..block size "
-                                                      "(default diffusion.sample_steps, 0 = block size)")] = None,
-) -> None:
-    """Sample continuations of a prompt from a trained run (autoregressive or BD3-LM block diffusion)."""
-    import torch
-
-    from scalelab import tokenizer as tokmod, train as trainmod
-
-    if n < 1 or max_tokens < 1:
-        raise ScalelabError("-n and --max-tokens must be >= 1")
-    if mode not in ("auto", "ar", "bd3"):
-        raise ScalelabError(f"--mode must be auto, ar or bd3, got {mode!r}")
-    from scalelab.model import generate
-
-    cfg, model = trainmod.load_run(run)
-    block = cfg.diffusion.block_size
-    if mode == "ar" and block:
-        raise ScalelabError(f"run {run} is a BD3-LM run (block size {block}); sample it with --mode bd3 or auto")
-    if mode == "bd3" and not block:
-        raise ScalelabError(f"run {run} is an autoregressive run; sample it with --mode ar or auto")
-    if steps is not None and not block:
-        raise ScalelabError("--steps is for BD3-LM runs only")
-    temperature = (1.0 if block else 0.8) if temperature is None else temperature
-    top_p = (cfg.diffusion.top_p if block else 0.95) if top_p is None else top_p
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ScalelabError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-    tok = tokmod.load(run / "tokenizer.json")
-    eot = tokmod.eot_id(tok)
-    ids = tok.encode(prompt).ids or [eot]  # an empty prompt starts a new document
-    x = torch.tensor([ids] * n)
-    if block:  # BD3-LM: block-by-block denoising with a KV cache over clean blocks (scalelab/diffusion.py)
-        from scalelab.diffusion import bd3_generate
-
-        t_steps = cfg.diffusion.sample_steps if steps is None else steps
-        if steps is not None and not 1 <= steps <= block:
-            raise ScalelabError(f"--steps must be in [1, block size = {block}], got {steps}")
-        if top_k:
-            raise ScalelabError("--top-k is not supported for BD3-LM runs (the paper samples with top-p)")
-        out = bd3_generate(model, x, max_tokens, block, t_steps, temperature, top_p, seed=seed, stop_id=eot)
-    else:
-        out = generate(model, x, max_tokens, temperature, top_k, top_p, seed=seed, stop_id=eot)
-    for i in range(n):
-        new = [t for t in out[i, len(ids):].tolist()]
-        if eot in new:
-            new = new[:new.index(eot)]
-        if n > 1:
-            typer.echo(f"--- sample {i + 1} ---")
-        typer.echo(prompt + tok.decode(new))
 
 
 @app.command()
@@ -141,63 +70,96 @@ def report(run: Annotated[Path, typer.Option(help="run directory")]) -> None:
     typer.echo(str(reportmod.run_report(run)))
 
 
-@app.command()
-def reproduce(
-    papers: Annotated[Optional[list[str]], typer.Argument(help="which papers (default: all): dyt")] = None,
-    quick: Annotated[bool, typer.Option(help="smaller runs, for a demo or CI")] = False,
-    out: Annotated[Path, typer.Option(help="where the runs and the report card go")] = Path("runs/reproduce"),
+@sweep_app.command("diloco")
+def sweep_diloco(
+    sizes: Annotated[str, typer.Option(help="model widths (model.d_model), comma-separated")] = "64,96,128",
+    replicas: Annotated[str, typer.Option(help="DiLoCo replica counts M, comma-separated")] = "1,2,4",
+    h: Annotated[int, typer.Option("--h", help="inner steps H between outer syncs")] = 30,
+    recipe: Annotated[Optional[str], typer.Option(help="base recipe (default: the built-in defaults)")] = None,
+    set_: SetOpt = None,
+    steps: Annotated[Optional[int], typer.Option(help="fixed steps per run (default: tokens-per-param × N)")] = None,
+    tokens_per_param: Annotated[float, typer.Option(help="token budget D = this × N (Chinchilla: 20)")] = 20.0,
+    ddp: Annotated[bool, typer.Option(help="include the DDP baseline")] = True,
+    out: Annotated[Path, typer.Option(help="sweep directory")] = Path("runs/sweep-diloco"),
 ) -> None:
-    """Run each paper's small experiment, compare with its claim, and write one report card."""
-    from scalelab import reproduce as repro
+    """Run DDP and DiLoCo for each size and M (sequentially), fit L = A·N^α per strategy and L = A·N^α·M^β."""
+    import logging
 
-    _setup_logging()
-    path = repro.reproduce(papers or list(repro.PAPERS), out, quick=quick)
-    typer.echo(f"report card: {path}")
+    from scalelab import config, scaling
+
+    logmod.setup()
+    if steps is not None and steps < 1:
+        raise ScalelabError("--steps must be >= 1")
+    if tokens_per_param <= 0:
+        raise ScalelabError("--tokens-per-param must be > 0")
+    record = scaling.sweep_diloco(out, _ints(sizes, "--sizes"), _ints(replicas, "--replicas"), h,
+                                  config.recipe_path(recipe) if recipe else None, set_ or [], steps,
+                                  tokens_per_param, ddp, log=logging.getLogger("scalelab").info)
+    for key, f in record["fits"].items():
+        fit = scaling.Fit(**f)
+        typer.echo(f"{key}: {fit.formula()}  (R² {fit.r2:.3f}, RMS log residual {fit.rms_log:.4f})")
+    typer.echo(f"report: {out / 'scaling.md'}")
 
 
+def _ints(spec: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ScalelabError(f"{name} must be comma-separated integers, got {spec!r}") from None
+
+
+# ============================================================================================= inference
 @app.command()
-def generate(
-    prompt: Annotated[str, typer.Option(help="text to continue (with --chat: the user message)")],
-    model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
-    base_url: Annotated[Optional[str], typer.Option(help="use an OpenAI-compatible server instead, e.g. "
-                                                      "http://127.0.0.1:8000/v1 (key from $OPENAI_API_KEY)")] = None,
+def sample(
+    model: Annotated[str, typer.Option("--model", "--run", help=MODEL_HELP)] = "smollm2",
+    prompt: Annotated[str, typer.Option(help="text to continue (with --chat: the user message)")] = "",
     n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
-    max_tokens: Annotated[int, typer.Option(help="new tokens per sample")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling mass; 1 = off")] = 1.0,
+    max_tokens: Annotated[Optional[int], typer.Option(help="new tokens per sample (default 200 for runs, 128 else)")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy (default 0.8 for runs, 1.0 for BD3 runs, "
+                                                              "0.7 else)")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus mass, 1 = off (default 0.95 for runs, "
+                                                        "diffusion.top_p for BD3 runs, 1 else)")] = None,
     top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
     seed: Annotated[int, typer.Option(help="sample i uses engine.sample_seed(seed, i)")] = 0,
     stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,
-    chat: Annotated[bool, typer.Option("--chat/--raw", help="wrap the prompt in the model's chat template")] = True,
-    dtype: Annotated[str, typer.Option(help="float32 (default) or bfloat16 (faster, changes answers)")] = "float32",
+    chat: Annotated[Optional[bool], typer.Option("--chat/--raw", help="wrap the prompt in the model's chat template "
+                                                 "(default: chat for GGUF models and servers, raw for runs)")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
+                                                    "(= --model openai:<url>#default; key from $OPENAI_API_KEY)")] = None,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    mode: Annotated[str, typer.Option(help="auto (from the run) | ar | bd3; a mismatch with the run is an error")] = "auto",
+    steps: Annotated[Optional[int], typer.Option(help="BD3: denoising steps per block, 1..block size "
+                                                      "(default diffusion.sample_steps, 0 = block size)")] = None,
 ) -> None:
-    """Sample n completions of one prompt from a local model or an OpenAI-compatible server."""
-    from scalelab.backends import make_backend
-    from scalelab.engine import SamplingParams
+    """Sample n continuations of a prompt from any model: a lab run (autoregressive or BD3-LM), a GGUF file, the
+    embedded smollm2, or an OpenAI-compatible server. `generate` is an alias."""
+    from scalelab import backends
 
-    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, stop=stop or [])
-    params.validate()
     if dtype == "bfloat16":
         print(BF16_WARNING, file=sys.stderr)
-    backend = make_backend(model, base_url) if base_url else make_backend(model, dtype=dtype)
-    r = backend.chat([{"role": "user", "content": prompt}], params) if chat else backend.complete(prompt, params)
-    for i, c in enumerate(r.choices):
+    spec = f"openai:{base_url}#{model if model != 'smollm2' else 'default'}" if base_url else model
+    r = backends.sample(spec, prompt, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, seed=seed, stop=stop or [], chat=chat, dtype=dtype, mode=mode, steps=steps)
+    for i, (text, finish) in enumerate(r.samples):
         if n > 1:
-            typer.echo(f"--- sample {i + 1} ({c.finish_reason}) ---")
-        typer.echo(c.text if chat else prompt + c.text)
-    print(f"[{r.prompt_tokens} prompt + {r.completion_tokens} completion tokens]", file=sys.stderr)
+            typer.echo(f"--- sample {i + 1} ({finish}) ---")
+        typer.echo(text)
+    if r.usage:
+        print(f"[{r.usage[0]} prompt + {r.usage[1]} completion tokens]", file=sys.stderr)
+
+
+app.command("generate", help="Alias of `sample`: sample n completions of one prompt from any model.")(sample)
 
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "smollm2",
     system: Annotated[Optional[str], typer.Option(help="system message")] = None,
     max_tokens: Annotated[int, typer.Option(help="new tokens per reply")] = 512,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass; 1 = off")] = 0.95,
     seed: Annotated[int, typer.Option()] = 0,
-    dtype: Annotated[str, typer.Option(help="float32 (default) or bfloat16 (faster, changes answers)")] = "float32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
 ) -> None:
     """Talk to a local model, streaming its replies (empty line or Ctrl-D ends)."""
     from scalelab.backends import LocalBackend
@@ -217,10 +179,9 @@ def chat(
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        ids = backend.encode(backend.chat_prompt(messages), bos=False)
         reply = ""
         print("bot> ", end="", flush=True)
-        for deltas in backend.stream_ids(ids, params):
+        for deltas in backend.stream_ids(backend.prompt_ids(messages), params):
             for d in deltas:
                 reply += d.text
                 print(d.text, end="", flush=True)
@@ -233,7 +194,7 @@ def chat(
 def serve(
     model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8000,
-    dtype: Annotated[str, typer.Option(help="float32 (default) or bfloat16 (faster, changes answers)")] = "float32",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
 ) -> None:
     """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming)."""
     from scalelab.serve import serve as serve_fn
@@ -243,11 +204,195 @@ def serve(
     serve_fn(model, port=port, dtype=dtype)
 
 
-BF16_WARNING = ("warning: bfloat16 roughly doubles CPU decode speed, but in the measurement behind scalelab's issue 5 "
-                "(SmolLM2-135M on a 2-core CPU) it moved the logits by up to 1.2 and changed 27 of 50 greedy "
-                "answers; float32 is the reference")
+# ============================================================================================= search
+@search_app.callback()
+def search_main(
+    ctx: typer.Context,
+    backend: Annotated[str, typer.Option(help=MODEL_HELP)] = "smollm2",
+    verifier: Annotated[str, typer.Option(help="same | checker | another backend spec")] = "same",
+    judge: Annotated[str, typer.Option(help="backend spec of an LLM judge for MATH-style answers the programmatic "
+                                            "check rejects (grading only: judge.jsonl, not in the costs)")] = "",
+    tasks: Annotated[str, typer.Option("--tasks", help="arithmetic[:LEVEL] | sudoku[:CLUES] | FILE.jsonl")] = "arithmetic",
+    n: Annotated[int, typer.Option("-n", help="problems")] = 20,
+    k: Annotated[int, typer.Option("--k", help="k_inf: candidates per problem")] = 16,
+    kv: Annotated[int, typer.Option("--kv", help="k_verif: verifications per candidate")] = 4,
+    k_tie: Annotated[int, typer.Option(help="comparisons per tie-break matchup")] = 4,
+    temperature: Annotated[float, typer.Option(help="σ_inf (the paper: 1.5)")] = 1.0,
+    verify_temperature: Annotated[float, typer.Option(help="σ_verif")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="per candidate")] = 256,
+    verify_max_tokens: Annotated[int, typer.Option(help="per verification / comparison")] = 256,
+    score: Annotated[str, typer.Option(help="verdict (mean verdict) | prob (P(Yes) from logprobs)")] = "verdict",
+    trigger: Annotated[str, typer.Option(help="alg1 (Algorithm 1, default) | s31 (§3.1)")] = "alg1",
+    prelim: Annotated[bool, typer.Option(help="preliminary scoring (§5)")] = False,
+    prompts: Annotated[str, typer.Option(help="auto | chat | fewshot | sudoku")] = "auto",
+    seeds: Annotated[int, typer.Option(help="subsample seeds for the curves")] = 20,
+    seed: Annotated[int, typer.Option()] = 0,
+    task_seed: Annotated[int, typer.Option()] = 0,
+    price: Annotated[str, typer.Option(help="price-table entry for the generator (default: local / model name)")] = "",
+    verifier_price: Annotated[str, typer.Option(help="price-table entry for the verifier")] = "",
+    prices: Annotated[Optional[Path], typer.Option(help="your own price table (TOML)")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="a TOML file with a [search] table (any SearchConfig key)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set search.k_tie=2")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/search/<task>)")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads for local models (0 = default; 1 on a busy CPU)")] = 0,
+) -> None:
+    """Run (or resume) a search and write report.md. Subcommands: rescore, bench, train-sudoku."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+    import logging
+
+    from scalelab import search
+    from scalelab.backends import is_run
+
+    logmod.setup()
+    # The flags, then the TOML file and --set on top: one mapping onto SearchConfig, strict keys.
+    flags = dict(backend=backend, verifier=verifier, task=tasks, n_problems=n, task_seed=task_seed,
+                 prompts=prompts, k_inf=k, k_verif=kv, k_tie=k_tie, temperature=temperature,
+                 verify_temperature=verify_temperature, tie_temperature=verify_temperature, max_tokens=max_tokens,
+                 verify_max_tokens=verify_max_tokens, score=score, trigger=trigger, prelim=prelim, seeds=seeds,
+                 seed=seed, price=price, verifier_price=verifier_price, prices_file=str(prices or ""),
+                 threads=threads, judge=judge)
+    cfg = search.SearchConfig.load(flags, config, set_ or [])
+    if cfg.prompts == "auto":
+        cfg.prompts = "sudoku" if is_run(cfg.backend) else "chat"
+    cfg.validate()
+    run_dir = out or Path("runs") / "search" / Path(cfg.task.replace(":", "-")).stem
+    log = logging.getLogger("scalelab")
+    search.run_search(cfg, run_dir, progress=lambda i, t: log.info(f"problem {i}/{t} done"))
+    path = search.write_report(run_dir)
+    acc = json.loads((run_dir / "metrics.json").read_text())["accuracy"]
+    typer.echo(" | ".join(f"{k} {100 * v:.1f}%" for k, v in acc.items()))
+    typer.echo(f"report: {path}")
 
 
+@search_app.command("bench")
+def search_bench(
+    run: Annotated[Path, typer.Argument(help="a search run directory")],
+    verifier: Annotated[str, typer.Option(help="backend spec to score (default: the run's verifier)")] = "",
+    k: Annotated[int, typer.Option("--k", help="samples per question (Pass@1 and Cons@k)")] = 5,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="output directory (default RUN/bench)")] = None,
+) -> None:
+    """Build a verification benchmark from a search run and score a verifier on it (the paper's §6)."""
+    from scalelab.search import bench
+
+    logmod.setup()
+    m = bench.run(run, out or run / "bench", verifier, k, seed)
+    a = m["accuracy"]
+    typer.echo(f"{m['items']} entries | scoring correct {100 * a['correct@1']:.1f}% / wrong {100 * a['wrong@1']:.1f}% "
+               f"| comparison {100 * a['compare@1']:.1f}% (Pass@1); Cons@{k}: {100 * a['correct@k']:.1f}% / "
+               f"{100 * a['wrong@k']:.1f}% / {100 * a['compare@k']:.1f}%")
+    typer.echo(f"report: {(out or run / 'bench') / 'report.md'}")
+
+
+@search_app.command("rescore")
+def search_rescore(
+    run: Annotated[Path, typer.Argument(help="a search run directory")],
+    trigger: Annotated[Optional[str], typer.Option(
+        help="re-select with this tie-break trigger (alg1 | s31); an alg1 run holds every s31 call")] = None,
+) -> None:
+    """Recompute every metric and the report from transcripts.jsonl, with no model call."""
+    from scalelab import search
+
+    if not (run / "transcripts.jsonl").is_file():
+        raise ScalelabError(f"{run} has no transcripts.jsonl")
+    if trigger is not None:
+        m = search.analyse(run, trigger)
+        typer.echo(" | ".join(f"{k} {100 * v:.1f}%" for k, v in m["accuracy"].items()) + f"  (trigger {trigger})")
+        return
+    typer.echo(f"report: {search.write_report(run)}")
+
+
+@search_app.command("train-sudoku")
+def search_train_sudoku(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/sss/sudoku-model"),
+    quick: Annotated[bool, typer.Option(help="a tiny model, for a demo or CI")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = default)")] = 0,
+) -> None:
+    """Train the self-verifying 4×4 Sudoku model (solve, then rounds of sample → check → train)."""
+    from scalelab.papers import sudoku_model
+
+    logmod.setup()
+    sv = sudoku_model.SVConfig.quick(seed) if quick else sudoku_model.SVConfig(seed=seed)
+    sv.threads = threads
+    run = sudoku_model.train_sudoku_model(out, sv, progress=True)
+    typer.echo(f"model: {run}  (search it: scalelab search --backend {run} --tasks sudoku:4 --score prob)")
+
+
+# ============================================================================================= papers
+@app.command()
+def reproduce(
+    papers: Annotated[Optional[list[str]], typer.Argument(help="which papers (default: all): dyt, horizon, diloco, "
+                                                               "bd3lm, sss")] = None,
+    quick: Annotated[bool, typer.Option(help="smaller runs, for a demo or CI")] = False,
+    out: Annotated[Path, typer.Option(help="where the runs and the report card go")] = Path("runs/reproduce"),
+    shared: Annotated[Optional[Path], typer.Option(help="the lab's shared data, holding data/metr "
+                                                        "(default: ../shared when present)")] = None,
+    sss_model: Annotated[Optional[Path], typer.Option(help="reuse a Sudoku model trained by `scalelab search "
+                                                           "train-sudoku` in the sss section")] = None,
+) -> None:
+    """Run each paper's small experiment, compare with its claim, and write one report card."""
+    from scalelab import papers as papersmod
+
+    logmod.setup()
+    if shared is not None and not (shared / "data").is_dir():
+        raise ScalelabError(f"--shared {shared} has no data/ folder")
+    opts = papersmod.Options(shared=shared, sss_model=sss_model)
+    path = papersmod.reproduce(papers or list(papersmod.PAPERS), out, quick=quick, opts=opts)
+    typer.echo(f"report card: {path}")
+
+
+@app.command("horizon")
+def horizon(
+    runs: Annotated[Path, typer.Argument(help="METR runs JSONL, a CSV (model,task_id,task_family,human_minutes,"
+                                              "success[,weight]), or a per-model fits CSV (METR headline.csv).")],
+    release_dates: Annotated[Optional[Path], typer.Option(
+        "--release-dates", "-r", help="METR release_dates.yaml (date: {model: YYYY-MM-DD}) or CSV "
+        "model,release_date.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory.")] = Path("horizon-report"),
+    models: Annotated[Optional[str], typer.Option("--models", "-m", help="Models in the trend: 'frontier11' "
+                                                  "(METR's headline set), 'all', or a comma list.")] = None,
+    weighting: Annotated[str, typer.Option(
+        help="invsqrt (METR), equal, none, or given (a weight column).")] = "invsqrt",
+    C: Annotated[float, typer.Option("-C", "--C", help="Inverse L2 strength on the slope; METR: 10 "
+                                     "(regularization 0.1).")] = 10.0,
+    n_bootstrap: Annotated[int, typer.Option("--bootstrap", "-b", help="Hierarchical bootstrap replicates "
+                                             "(0: none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Replicate r uses default_rng(seed + r); METR: 42.")] = 42,
+    p: Annotated[str, typer.Option("--p", help="Success levels, percent or fraction, comma separated.")] = "50,80",
+    replicates: Annotated[Optional[Path], typer.Option(help="Reuse saved replicates (ours or METR's "
+                                                       "bootstrap/headline.csv) instead of bootstrapping.")] = None,
+    after: Annotated[Optional[str], typer.Option(help="Only models released on or after YYYY-MM-DD enter "
+                                                 "the trend.")] = None,
+) -> None:
+    """METR-style time horizons from a runs file: fits, bootstrap CIs, doubling time, report and plots."""
+    import math
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from scalelab import horizon as H
+    from scalelab.horizon_report import write_report
+
+    after_date = H._parse_date(after, "--after") if after else None
+    console = Console(stderr=True)
+    with Progress(TextColumn("bootstrap"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("bootstrap", total=n_bootstrap)
+        result = H.analyse(runs, release_dates, models, weighting, C, n_bootstrap, seed, H.parse_ps(p),
+                           replicates, after_date, progress=lambda k: bar.advance(task, k))
+    paths = write_report(result, out)
+    for t in result.trends:
+        lo, hi = t.ci
+        ci = f" (95% CI {lo:.0f}–{hi:.0f})" if math.isfinite(lo) else ""
+        console.print(f"{H.p_label(t.p)} doubling time: {t.doubling_days:.1f} days{ci} over {len(t.models)} models, "
+                      f"R² {t.r2:.3f}")
+    console.print(f"wrote {out}/: {', '.join(q.name for q in paths)}", soft_wrap=True)
+
+
+# ============================================================================================= entry
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:

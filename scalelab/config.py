@@ -112,6 +112,9 @@ class DistributedConfig:
     lighthouse: str = ""  # torchft Lighthouse address; "" = $TORCHFT_LIGHTHOUSE
 
 
+STRATEGIES = ("single", "ddp", "diloco")
+
+
 @dataclass
 class Config:
     name: str = "run"
@@ -125,9 +128,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "diffusion": DiffusionConfig}
-
-SECTIONS["distributed"] = DistributedConfig
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "diffusion": DiffusionConfig,
+            "distributed": DistributedConfig}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -186,6 +188,40 @@ def from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
+def make_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    """A dataclass section (search, sudoku, ...) from a dict, by the training config's rules: unknown keys are
+    errors and values are type-checked against the defaults. Validation is the section's own."""
+    obj = cls()
+    known = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
+        setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
+    return obj
+
+
+def section_values(section: str, path: Path | None, overrides: list[str]) -> dict[str, Any]:
+    """The `[section]` table of a TOML file, then `--set section.key=value` overrides on top."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        try:
+            t = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        extra = [k for k in t if k != section]
+        if extra:
+            raise ConfigError(f"{path}: unknown table or key {extra[0]!r} (expected a [{section}] table)")
+        d.update(t.get(section, {}))
+    for item in overrides:
+        parts, value = _parse_override(item)
+        if parts[0] != section or len(parts) != 2:
+            raise ConfigError(f"--set here takes {section}.KEY=VALUE, got {item!r}")
+        d[parts[1]] = value
+    return d
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -202,13 +238,34 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped inside the package (`scalelab/recipes/*.toml`)."""
+    from importlib import resources
+
+    return sorted(p.name[:-5] for p in resources.files("scalelab").joinpath("recipes").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a shipped recipe (`tiny` or `tiny.toml`)."""
+    from importlib import resources
+
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".toml") else path.name
+    if path.parent == Path(".") or path.parts[:1] == ("recipes",):  # a bare name, or the old recipes/NAME.toml
+        shipped = resources.files("scalelab").joinpath("recipes", f"{name}.toml")
+        if shipped.is_file():
+            return Path(str(shipped))
+    raise ConfigError(f"recipe not found: {recipe} (a TOML file, or one of: {', '.join(recipe_names())})")
+
+
 def load(recipe: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a TOML recipe (or the defaults when None) and apply `section.key=value` overrides."""
     d: dict[str, Any] = {}
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path}")
+        path = recipe_path(recipe)
         try:
             d = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -309,7 +366,7 @@ def _validate_distributed(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(d.strategy in ("single", "ddp", "diloco"), f"distributed.strategy must be single, ddp or diloco, got {d.strategy!r}")
+    need(d.strategy in STRATEGIES, f"distributed.strategy must be single, ddp or diloco, got {d.strategy!r}")
     need(d.inner_steps >= 1, f"distributed.inner_steps (H) must be >= 1, got {d.inner_steps}")
     need(d.outer_lr > 0, f"distributed.outer_lr must be > 0, got {d.outer_lr}")
     need(0 <= d.outer_momentum < 1, f"distributed.outer_momentum must be in [0, 1), got {d.outer_momentum}")

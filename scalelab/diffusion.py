@@ -323,14 +323,6 @@ class BD3Objective:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def _slide(cache: KVCache, n: int) -> None:
-    """Drop the oldest n cached positions ([code]: the cache shifts left by L′ at the context limit)."""
-    keep = cache.length - n
-    cache.k[:, :, :, :keep] = cache.k[:, :, :, n:cache.length].clone()
-    cache.v[:, :, :, :keep] = cache.v[:, :, :, n:cache.length].clone()
-    cache.length = keep
-
-
 @torch.no_grad()
 def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, block_size: int, steps: int = 0,
                  temperature: float = 1.0, top_p: float = 0.9, seed: int = 0, stop_id: int | None = None,
@@ -381,7 +373,7 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                 n = s + Lb - ctx - win
                 if n > cache.length:  # the pending block itself falls out of the window (L′ > context/2)
                     pending, n = None, cache.length
-                _slide(cache, n)
+                cache.slide(n)  # [code]: the cache shifts left by L′ at the context limit
             win = s + Lb - ctx
         blk = seq[:, s:s + Lb].clone()
         masked = blk == mask_id
@@ -407,7 +399,7 @@ def bd3_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, 
                     logits = model(torch.cat([pending, blk], dim=1), positions=torch.arange(s - Lb, s + Lb, device=dev),
                                    mask=mask, cache=cache, head_slice=pick + Lb)
                     past, pending = past + Lb, None
-                cache.length = past  # the noisy block's keys are scratch, not part of the cache
+                cache.truncate(past)  # the noisy block's keys are scratch, not part of the cache
             else:
                 window = torch.cat([seq[:, win:s], blk], dim=1)
                 n = window.shape[1]

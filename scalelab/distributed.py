@@ -44,7 +44,7 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,7 +56,6 @@ from scalelab.errors import CheckpointError, ConfigError, ScalelabError
 
 log = logging.getLogger("scalelab")
 T = TypeVar("T")
-STRATEGIES = ("single", "ddp", "diloco")
 FAULT_TOLERANCE = ("none", "torchft")
 
 
@@ -544,28 +543,3 @@ class DiLoCo(_Distributed):
 
     def summary(self) -> dict[str, Any]:
         return dict(super().summary(), inner_steps=self.H, syncs=self.syncs)
-
-
-def make_strategy(cfg: Any) -> Strategy:
-    """The configured strategy; `ddp`/`diloco` join the torchrun process group here (rank/world from env)."""
-    d = cfg.distributed
-    if d.strategy == "single":
-        if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-            raise ScalelabError(f"strategy single launched as {os.environ['WORLD_SIZE']} torchrun processes; "
-                                f"pass --strategy ddp or --strategy diloco")
-        return Strategy(d)
-    if d.fault_tolerance == "torchft":
-        from scalelab import ft
-
-        return ft.TorchftDiLoCo(d, cfg.train.batch_size)
-    cls = {"ddp": DDP, "diloco": DiLoCo}[d.strategy]
-    return cls(d, cfg.train.batch_size)
-
-
-@contextlib.contextmanager
-def running(cfg: Any) -> Iterator[Strategy]:
-    strat = make_strategy(cfg)
-    try:
-        yield strat
-    finally:
-        strat.close()

@@ -199,12 +199,10 @@ class Engine:
         reused, k, v = self.prefix.lookup(prompt)
         cache = KVCache(self.cfg, 1, len(prompt), dtype=self.dtype, device=self.device)
         if reused:
-            cache.k[:, :, :, :reused] = k
-            cache.v[:, :, :, :reused] = v
-            cache.length = reused
+            cache.load_prefix(k, v)
         x = torch.tensor([list(prompt[reused:])], device=self.device)
         logits = self.model(x, cache=cache)[:, -1]
-        self.prefix.put(prompt, cache.k, cache.v)
+        self.prefix.put(prompt, *cache.prefix())
         return cache, logits, reused
 
     # ---- sampling ------------------------------------------------------------------------------------------
@@ -225,9 +223,7 @@ class Engine:
         self.last_cached_tokens = cached
         self.prompt_tokens += P
         cache = KVCache(self.cfg, n, P + max_new, dtype=self.dtype, device=self.device)
-        cache.k[:, :, :, :P] = pre.k
-        cache.v[:, :, :, :P] = pre.v
-        cache.length = P
+        cache.load_prefix(*pre.prefix())
         logits = logits.expand(n, -1)
         rows = list(range(n))  # sample index of each live batch row
         out: list[list[int]] = [[] for _ in range(n)]
@@ -273,7 +269,7 @@ class Engine:
                 break
             if len(keep) < len(rows):  # drop finished rows from the batch
                 idx = torch.tensor(keep, device=self.device)
-                cache.k, cache.v = cache.k[:, idx], cache.v[:, idx]
+                cache.select_rows(idx)
                 rows = [rows[j] for j in keep]
                 nxt = nxt[idx]
             logits = self.model(nxt[:, None], cache=cache)[:, -1]
@@ -321,9 +317,7 @@ class Engine:
         cache = KVCache(self.cfg, B, P + L, dtype=self.dtype, device=self.device)
         if P > 1:
             pre, _, _ = self._prefill(prompt[:-1])
-            cache.k[:, :, :, :P - 1] = pre.k
-            cache.v[:, :, :, :P - 1] = pre.v
-            cache.length = P - 1
+            cache.load_prefix(*pre.prefix())
         pad = [[prompt[-1], *c[:-1]] + [0] * (L - len(c)) for c in continuations]  # right padding: ignored
         logp = torch.log_softmax(self.model(torch.tensor(pad, device=self.device), cache=cache).float(), dim=-1)
         self.prompt_tokens += P + sum(len(c) for c in continuations)

@@ -36,10 +36,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
-import typer
 
 from scalelab.errors import DataError, ScalelabError
 
@@ -762,47 +760,3 @@ def analyse(source: Path, release_dates: Path | None = None, models: str | None 
                 "replicates_file": str(replicates) if replicates else None,
                 "models": models or "all", "after": after.isoformat() if after else None, "level": level}
     return HorizonResult(source, runs, fits, dates, ps, trends, reps, settings, notes)
-
-
-def horizon_command(
-    runs: Annotated[Path, typer.Argument(help="METR runs JSONL, a CSV (model,task_id,task_family,human_minutes,"
-                                              "success[,weight]), or a per-model fits CSV (METR headline.csv).")],
-    release_dates: Annotated[Path | None, typer.Option(
-        "--release-dates", "-r", help="METR release_dates.yaml (date: {model: YYYY-MM-DD}) or CSV "
-        "model,release_date.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory.")] = Path("horizon-report"),
-    models: Annotated[str | None, typer.Option("--models", "-m", help="Models in the trend: 'frontier11' "
-                                               "(METR's headline set), 'all', or a comma list.")] = None,
-    weighting: Annotated[str, typer.Option(
-        help="invsqrt (METR), equal, none, or given (a weight column).")] = "invsqrt",
-    C: Annotated[float, typer.Option("-C", "--C", help="Inverse L2 strength on the slope; METR: 10 "
-                                     "(regularization 0.1).")] = 10.0,
-    n_bootstrap: Annotated[int, typer.Option("--bootstrap", "-b", help="Hierarchical bootstrap replicates "
-                                             "(0: none).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Replicate r uses default_rng(seed + r); METR: 42.")] = 42,
-    p: Annotated[str, typer.Option("--p", help="Success levels, percent or fraction, comma separated.")] = "50,80",
-    replicates: Annotated[Path | None, typer.Option(help="Reuse saved replicates (ours or METR's "
-                                                    "bootstrap/headline.csv) instead of bootstrapping.")] = None,
-    after: Annotated[str | None, typer.Option(help="Only models released on or after YYYY-MM-DD enter "
-                                              "the trend.")] = None,
-) -> None:
-    """METR-style time horizons: per-model fits, bootstrap CIs, doubling time, report and plots."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from scalelab.horizon_report import write_report
-
-    after_date = _parse_date(after, "--after") if after else None
-    console = Console(stderr=True)
-    with Progress(TextColumn("bootstrap"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("bootstrap", total=n_bootstrap)
-        result = analyse(runs, release_dates, models, weighting, C, n_bootstrap, seed, parse_ps(p),
-                         replicates, after_date, progress=lambda k: bar.advance(task, k))
-    paths = write_report(result, out)
-    for t in result.trends:
-        lo, hi = t.ci
-        ci = f" (95% CI {lo:.0f}–{hi:.0f})" if math.isfinite(lo) else ""
-        console.print(f"{p_label(t.p)} doubling time: {t.doubling_days:.1f} days{ci} over {len(t.models)} models, "
-                      f"R² {t.r2:.3f}")
-    console.print(f"wrote {out}/: {', '.join(q.name for q in paths)}", soft_wrap=True)

@@ -104,6 +104,37 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
 
+    # ---- the cache owns its tensors: everything outside goes through these ---------------------------------
+    def load_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill positions [0, T) of every row from a batch-1 (or same-batch) prefix; k, v: (n_layer, b, n_kv, T, hd)."""
+        T = k.shape[3]
+        if T > self.max_len:
+            raise ValueError(f"KV cache overflow: {T} > {self.max_len}")
+        self.k[:, :, :, :T] = k
+        self.v[:, :, :, :T] = v
+        self.length = T
+
+    def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the filled positions: (n_layer, B, n_kv, length, hd) keys and values."""
+        return self.k[:, :, :, :self.length], self.v[:, :, :, :self.length]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (e.g. the samples still decoding)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+    def slide(self, n: int) -> None:
+        """Drop the oldest n positions, shifting the rest left (a sliding window at the context limit)."""
+        keep = self.length - n
+        self.k[:, :, :, :keep] = self.k[:, :, :, n:self.length].clone()
+        self.v[:, :, :, :keep] = self.v[:, :, :, n:self.length].clone()
+        self.length = keep
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (scratch keys written by a forward that must not stay)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"cannot truncate a KV cache of {self.max_len} positions to {length}")
+        self.length = length
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (B, n_kv, T, hd) -> all keys/values so far, (B, n_kv, length + T, hd)
         T = k.shape[2]

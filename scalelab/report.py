@@ -1,7 +1,10 @@
-"""Reports: Markdown and PNG plots recomputed from a run directory's files.
+"""The report toolkit, and the report of a training run.
 
-Everything here reads `config.toml`, `metrics.jsonl` and `data.json`; nothing is taken from memory, so a
-report can be rebuilt at any time, including for a run that is still going.
+Every report of the lab (training runs, search runs, the report card's sections, horizons, sweeps) is built
+with these helpers: atomic writes (`write_text`, `write_json`, `savefig`: never a half-written file over a
+good one), `read_metrics` (the one `metrics.jsonl` reader), `figure` (a matplotlib figure on the Agg backend)
+and `md_table` (a Markdown table). `run_report` reads `config.toml`, `metrics.jsonl` and `data.json`; nothing
+is taken from memory, so a report can be rebuilt at any time, including for a run that is still going.
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def figure(*args, **kw):
+    """`plt.subplots(*args, **kw)` on the non-interactive Agg backend: (fig, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kw)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; cells are written with str()."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def savefig(fig, path: Path) -> None:
     """Write a figure atomically (never a half-written PNG over a good one)."""
     import matplotlib.pyplot as plt
@@ -42,19 +62,21 @@ def savefig(fig, path: Path) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: a temporary file beside it, then a rename."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (indented, for a person to read)."""
+    write_text(path, json.dumps(obj, indent=2))
+
+
 def plot_loss(run_dir: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train, evals = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     if train:
         ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train", alpha=0.8)
     if evals:

@@ -1,4 +1,4 @@
-"""Scaling-law fits for sweeps, and `scalelab sweep diloco`.
+"""Scaling-law fits for sweeps, and the sweep behind `scalelab sweep diloco`.
 
 Follows "Scaling Laws for DiLoCo" (Charles et al. 2025, §6): per strategy an independent power law
 L(N) ≈ A·N^α (their Table 7), and over DiLoCo's replica counts the joint law L(N, M) ≈ A·N^α·M^β (Table 10),
@@ -15,7 +15,6 @@ torchrun processes) — at a token budget of --tokens-per-param × N (Chinchilla
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -23,14 +22,10 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Optional
-
 import numpy as np
-import typer
 
 from scalelab.errors import ScalelabError
-
-sweep_app = typer.Typer(no_args_is_help=True, help="Run a grid of training runs and fit scaling laws.")
+from scalelab.report import read_metrics, write_json
 
 
 @dataclass
@@ -136,17 +131,11 @@ def launch(nproc: int, args: list[str], timeout: float = 7200) -> subprocess.Com
 
 def finished(run_dir: Path, steps: int) -> dict | None:
     """The last train and eval lines of a run that reached `steps`, else None."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not (run_dir / "metrics.jsonl").is_file():
         return None
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    train = [r for r in rows if "loss" in r and r["step"] == steps]
-    evals = [r for r in rows if "val_loss" in r and r["step"] == steps]
+    train, evals = read_metrics(run_dir)
+    train = [r for r in train if "loss" in r and r["step"] == steps]
+    evals = [r for r in evals if r["step"] == steps]
     return {**train[-1], **evals[-1]} if train and evals else None
 
 
@@ -209,7 +198,7 @@ def sweep_diloco(out: Path, sizes: list[int], replicas: list[int], H: int, recip
             rec = run_point(out, strategy, M, d, n_steps, overrides, H, recipe)
             points.append(dict(rec, N=N))
     record = {"sizes": sizes, "replicas": replicas, "H": H, "points": points, "fits": fit_sweep(points)}
-    (out / "sweep.json").write_text(json.dumps(record, indent=2))
+    write_json(out / "sweep.json", record)
     write_sweep_report(out, record)
     return record
 
@@ -227,16 +216,11 @@ def fit_sweep(points: list[dict]) -> dict:
 
 
 def write_sweep_report(out: Path, record: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scalelab.report import savefig, write_text
+    from scalelab.report import figure, savefig, write_text
 
     points, fits = record["points"], record["fits"]
     keys = sorted({("ddp" if p["strategy"] == "ddp" else f"M={p['M']}") for p in points})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(figsize=(7, 4.5))
     for i, key in enumerate(keys):
         sel = sorted((p for p in points if ("ddp" if p["strategy"] == "ddp" else f"M={p['M']}") == key),
                      key=lambda p: p["N"])
@@ -271,40 +255,3 @@ def write_sweep_report(out: Path, record: dict) -> Path:
     path = out / "scaling.md"
     write_text(path, "\n".join(lines))
     return path
-
-
-def _ints(spec: str, name: str) -> list[int]:
-    try:
-        return [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ScalelabError(f"{name} must be comma-separated integers, got {spec!r}") from None
-
-
-@sweep_app.command("diloco")
-def sweep_diloco_command(
-    sizes: Annotated[str, typer.Option(help="model widths (model.d_model), comma-separated")] = "64,96,128",
-    replicas: Annotated[str, typer.Option(help="DiLoCo replica counts M, comma-separated")] = "1,2,4",
-    h: Annotated[int, typer.Option("--h", help="inner steps H between outer syncs")] = 30,
-    recipe: Annotated[Optional[Path], typer.Option(help="base recipe (default: the built-in defaults)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set train.lr=1e-3")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="fixed steps per run (default: tokens-per-param × N)")] = None,
-    tokens_per_param: Annotated[float, typer.Option(help="token budget D = this × N (Chinchilla: 20)")] = 20.0,
-    ddp: Annotated[bool, typer.Option(help="include the DDP baseline")] = True,
-    out: Annotated[Path, typer.Option(help="sweep directory")] = Path("runs/sweep-diloco"),
-) -> None:
-    """Run DDP and DiLoCo for each size and M (sequentially), fit L = A·N^α per strategy and L = A·N^α·M^β."""
-    import logging
-
-    from scalelab.cli import _setup_logging
-
-    _setup_logging()
-    if steps is not None and steps < 1:
-        raise ScalelabError("--steps must be >= 1")
-    if tokens_per_param <= 0:
-        raise ScalelabError("--tokens-per-param must be > 0")
-    record = sweep_diloco(out, _ints(sizes, "--sizes"), _ints(replicas, "--replicas"), h, recipe, set_ or [], steps,
-                          tokens_per_param, ddp, log=logging.getLogger("scalelab").info)
-    for key, f in record["fits"].items():
-        fit = Fit(**f)
-        typer.echo(f"{key}: {fit.formula()}  (R² {fit.r2:.3f}, RMS log residual {fit.rms_log:.4f})")
-    typer.echo(f"report: {out / 'scaling.md'}")

@@ -21,6 +21,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from scalelab import checkpoint, config as configmod, data as datamod, diffusion, distributed
+from scalelab.report import write_text
 from scalelab.config import Config
 from scalelab.errors import ConfigError, ScalelabError
 from scalelab.model import Transformer, loss_fn
@@ -66,12 +67,6 @@ def _check_writable(run_dir: Path) -> None:
         raise ScalelabError(f"cannot write to output directory {run_dir}: {e.strerror}") from None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after `step` (they belong to the lost part of an interrupted run)."""
     if not path.is_file():
@@ -83,7 +78,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the kill
-    write_atomic(path, "".join(k + "\n" for k in keep))
+    write_text(path, "".join(k + "\n" for k in keep))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,14 +96,34 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
     return Transformer(cfg.model)
 
 
+def make_strategy(cfg: Config) -> distributed.Strategy:
+    """The configured strategy (distributed.py; torchft's DiLoCo in ft.py); `ddp`/`diloco` join the torchrun
+    process group here (rank and world size from the environment)."""
+    d = cfg.distributed
+    if d.strategy == "single":
+        if distributed.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ScalelabError(f"strategy single launched as {os.environ['WORLD_SIZE']} torchrun processes; "
+                                f"pass --strategy ddp or --strategy diloco")
+        return distributed.Strategy(d)
+    if d.fault_tolerance == "torchft":
+        from scalelab import ft
+
+        return ft.TorchftDiLoCo(d, cfg.train.batch_size)
+    cls = {"ddp": distributed.DDP, "diloco": distributed.DiLoCo}[d.strategy]
+    return cls(d, cfg.train.batch_size)
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train `cfg` into `run_dir`; return a summary (final val loss, bits per byte, speed).
 
     [distributed] `cfg.distributed.strategy` (single | ddp | diloco, see distributed.py) is applied to the loop
     through the hooks marked `[distributed]`; ddp and diloco join torchrun's process group here.
     """
-    with distributed.running(cfg) as strat:
+    strat = make_strategy(cfg)
+    try:
         return _train(cfg, Path(run_dir), resume, progress, strat)
+    finally:
+        strat.close()
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: distributed.Strategy) -> dict[str, Any]:
@@ -174,10 +189,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
         tokens_seen = start * t.batch_size * t.grad_accum * cfg.model.context
     if strat.is_writer:  # [distributed] rank 0 writes the run directory
         _truncate_metrics(run_dir / "metrics.jsonl", start)
-        write_atomic(cfg_path, configmod.to_toml(cfg))
+        write_text(cfg_path, configmod.to_toml(cfg))
         # The run directory is self-contained: sampling and reports need no data cache.
-        write_atomic(run_dir / "tokenizer.json", prepared.tokenizer_path.read_text())
-        write_atomic(run_dir / "data.json", json.dumps(prepared.meta, indent=2))
+        write_text(run_dir / "tokenizer.json", prepared.tokenizer_path.read_text())
+        write_text(run_dir / "data.json", json.dumps(prepared.meta, indent=2))
 
     fwd = torch.compile(strat.wrap(model)) if t.compile else strat.wrap(model)  # [distributed] e.g. DDP(model)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context
@@ -257,19 +272,3 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
     return {"val_loss": last_val, "val_bpb": last_val / math.log(2) / bpt, "steps": t.max_steps,
             "tokens": tokens_seen, "elapsed": elapsed, "params": model.num_params(),
             "flops_per_token": model.flops_per_token(cfg.model.context), **strat.summary()}
-
-
-def load_run(run_dir: Path) -> tuple[Config, Transformer]:
-    """The config and the newest weights of a run (its tokenizer is `run_dir/tokenizer.json`)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
-        raise ScalelabError(f"{run_dir} is not a run directory (no config.toml)")
-    cfg = configmod.load(cfg_path)
-    ck = checkpoint.latest(run_dir / "checkpoints")
-    if ck is None:
-        raise ScalelabError(f"run {run_dir} has no checkpoint yet")
-    model = Transformer(cfg.model)
-    checkpoint.load_weights(ck, model)
-    model.eval()
-    return cfg, model

@@ -254,7 +254,7 @@ def test_sampling_frontier_report_and_plot(tmp_path):
     """The report's speed/quality frontier end to end on tiny models: rows for every sampler and stream count,
     speeds relative to AR measured in the same call, a positive ceiling, and the Markdown/PNG it feeds."""
     from scalelab import config as configmod
-    from scalelab import diffusion_report as dr
+    from scalelab.papers import bd3lm as dr
 
     ar, l16 = tiny_model(L=32, seed=1), tiny_model(L=32, seed=2)
     rows = dr.sampling_frontier(ar, l16, 16, (1, 2), 32, 1, 0, ar)
@@ -269,5 +269,5 @@ def test_sampling_frontier_report_and_plot(tmp_path):
     r = {"res": res, "ppl": ppl, "gen": {k: 100.0 for k in res}, "clips": {}, "frontier": rows, "holds": True,
          "order": ["ar", "l4", "l16", "mdlm"], "ctx": 32, "steps": 10, "pre_steps": 7,
          "cfg": configmod.Config(), "reps": 1, "n_samples": 2, "val_windows": 4}
-    measured, text = dr.body(r)
+    measured, text = dr.report_body(r)
     assert "ceiling" in measured and "| 1 | BD3 L′=16 T=4 | 4 |" in text

@@ -1,4 +1,4 @@
-"""search.py: Algorithm 1's selection against brute force, subsampled curves against the unbiased
+"""scalelab.search: Algorithm 1's selection against brute force, subsampled curves against the unbiased
 estimator, resume without redoing calls, rescore without calls, bad input. The backend here is a scripted
 test double (it reads the puzzle's solution), used only to check the selection and bookkeeping logic."""
 
@@ -10,7 +10,9 @@ import random
 import numpy as np
 import pytest
 
-from scalelab import search, tasks
+from scalelab import search
+from scalelab.backends import Choice, Response
+from scalelab.search import bench, tasks
 from scalelab.errors import ScalelabError
 from tests.conftest import run_cli
 
@@ -108,9 +110,9 @@ class Scripted:
         q = prompt.strip().split(" ")[0][1:]
         return next(p.answer for p in tasks.sudoku_problems(30, 0, split="test") if p.question == q)
 
-    def generate(self, prompt, n, temperature, max_tokens, stop, seed):
+    def generate(self, prompt, params):
         self._tick()
-        rng = random.Random(seed)
+        n, rng = params.n, random.Random(params.seed)
         sol, lines = self._solution(prompt), prompt.strip().split(" ")
         outs = []
         for _ in range(n):
@@ -126,12 +128,12 @@ class Scripted:
             else:
                 a_ok = lines[1][1:] == sol
                 t = "d " + ("A" if a_ok == (rng.random() < 0.8) else "B")
-            outs.append(search.Output(t, len(t)))
-        return search.CallResult(outs, len(prompt), sum(o.tokens for o in outs), 0, n * len(prompt))
+            outs.append(Choice(t, n_tokens=len(t)))
+        return Response(outs, len(prompt), sum(o.n_tokens for o in outs), 0, n * len(prompt))
 
     def prob_yes(self, prompt, yes, no):
         self._tick()
-        return search.CallResult([], len(prompt), 0, p_yes=0.5)
+        return Response([], len(prompt), 0, p_yes=0.5)
 
 
 def _cfg(**kw):
@@ -165,9 +167,7 @@ def test_run_resume_rescore(tmp_path):
     assert acc["Pass@8"] >= acc["Verification@8"] >= 0 and m_full["tiebreaks_played"] >= 1
     assert m_full["verifier_auroc"] > 0.7
     assert m_full["usage"]["generate"]["calls"] == 6
-    from scalelab.search_report import write_report
-
-    rep = write_report(tmp_path / "full").read_text()
+    rep = search.write_report(tmp_path / "full").read_text()
     assert "Table 1" in rep and (tmp_path / "full" / "curves.png").is_file() and "sudoku-model-v3" in rep
 
 
@@ -179,14 +179,14 @@ class Algebra:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, prompt, n, temperature, max_tokens, stop, seed):
+    def generate(self, prompt, params):
         self.calls += 1
-        text = prompt[-1]["content"]
+        n, text = params.n, prompt[-1]["content"]
         if "Reply with one word" in text:  # the judge: 1+x^2 is x^2+1, 2x+2 is not
-            outs = [search.Output("Yes" if "1+x^2" in text.split("final answer:")[1] else "No", 1)]
+            outs = [Choice("Yes" if "1+x^2" in text.split("final answer:")[1] else "No", n_tokens=1)]
         else:
-            outs = [search.Output(f"So the answer is \\boxed{{{a}}}.", 8) for a in (["1+x^2", "2x+2"] * n)[:n]]
-        return search.CallResult(outs, 10, sum(o.tokens for o in outs), 0, 10)
+            outs = [Choice(f"So the answer is \\boxed{{{a}}}.", n_tokens=8) for a in (["1+x^2", "2x+2"] * n)[:n]]
+        return Response(outs, 10, sum(o.n_tokens for o in outs), 0, 10)
 
 
 def test_llm_judge_grades_free_form_answers(tmp_path):
@@ -209,20 +209,18 @@ def test_llm_judge_grades_free_form_answers(tmp_path):
 def test_verification_benchmark_from_a_run(tmp_path):
     """Entries hold one correct and one wrong response (per the checker); the Scripted verifier is right 90% of
     the time and its comparator 80%, so the benchmark must find a good verifier, and rescoring needs no calls."""
-    from scalelab import verifbench
-
     b = Scripted()
     search.run_search(_cfg(n_problems=12), tmp_path / "run", gen=b, ver=b)
-    items = verifbench.build_items(tmp_path / "run")
+    items = bench.build_items(tmp_path / "run")
     assert items and all(it["correct"] != it["wrong"] for it in items)
     for it in items:
         p = tasks.Problem(**it["problem"])
         task = tasks.Task("t", [p])
         assert task.is_correct(p, it["correct_answer"]) and not task.is_correct(p, it["wrong_answer"])
-    m = verifbench.run(tmp_path / "run", tmp_path / "bench", k=5, backend=b)
+    m = bench.run(tmp_path / "run", tmp_path / "bench", k=5, backend=b)
     a = m["accuracy"]
     assert m["items"] == len(items) and a["correct@k"] >= 0.8 and a["wrong@k"] >= 0.8 and a["compare@k"] >= 0.6
-    again = verifbench.score(items, tmp_path / "bench", None, "sudoku", k=5)  # transcripts only
+    again = bench.score(items, tmp_path / "bench", None, "sudoku", k=5)  # transcripts only
     assert again["accuracy"] == a
     assert "Table 7" in (tmp_path / "bench" / "report.md").read_text()
 

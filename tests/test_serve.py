@@ -110,7 +110,7 @@ def test_openai_sdk_against_server(server, local):
     assert r.usage.prompt_tokens == len(local.encode(local.chat_prompt(msgs), bos=False))
     assert all(len(c.logprobs.content[0].top_logprobs) == 2 for c in r.choices)
     # the server's answer is the local backend's answer
-    ref = local.chat(msgs, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=5))
+    ref = local.generate(msgs, SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=5))
     assert [c.message.content for c in r.choices] == [c.text for c in ref.choices]
     # streaming gives the same text as the non-streaming greedy answer
     greedy = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
@@ -125,11 +125,11 @@ def test_openai_sdk_against_server(server, local):
 def test_openai_backend_against_server(server, local):
     be = OpenAIBackend(server + "/v1", model="tiny", timeout=30, max_retries=0, concurrency=2)
     p = SamplingParams(n=4, max_tokens=6, temperature=0.9, seed=1)
-    r = be.complete("The quick", p)
-    ref = local.complete("The quick", p)
+    r = be.generate("The quick", p)
+    ref = local.generate("The quick", p)
     assert [c.text for c in r.choices] == [c.text for c in ref.choices]
     assert (r.prompt_tokens, r.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
-    ch = be.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=5, temperature=0, logprobs=True))
+    ch = be.generate([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=5, temperature=0, logprobs=True))
     assert len(ch.choices[0].logprobs) == ch.completion_tokens
     remote = be.score("Paris is the", [" capital", " quick brown"])
     here = local.score("Paris is the", [" capital", " quick brown"])
@@ -182,7 +182,7 @@ def test_openai_backend_emulates_n_and_reports_errors():
     calls: list = []
     with ServerThread(_stub("one", calls)) as url:
         be = OpenAIBackend(url + "/v1", model="stub", timeout=10, max_retries=0, concurrency=2)
-        r = be.chat(msgs, SamplingParams(n=4, max_tokens=3, seed=10))
+        r = be.generate(msgs, SamplingParams(n=4, max_tokens=3, seed=10))
         assert len(r.choices) == 4 and len(calls) == 4
         assert sorted(c["seed"] for c in calls) == [10, 11, 12, 13]
         assert (r.prompt_tokens, r.completion_tokens) == (5, 8)
@@ -191,12 +191,12 @@ def test_openai_backend_emulates_n_and_reports_errors():
         with ServerThread(_stub(kind, calls)) as url:
             be = OpenAIBackend(url + "/v1", model="stub", timeout=10, max_retries=1, concurrency=1)
             with pytest.raises(ScalelabError, match=msg):
-                be.chat(msgs, SamplingParams(max_tokens=3))
+                be.generate(msgs, SamplingParams(max_tokens=3))
             if kind == "500":
                 assert len(calls) == 2  # one retry
     be = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", timeout=2, max_retries=0)
     with pytest.raises(ScalelabError, match="cannot reach"):
-        be.chat(msgs, SamplingParams(max_tokens=3))
+        be.generate(msgs, SamplingParams(max_tokens=3))
 
 
 def test_cli_serve_and_generate(tiny_gguf):

@@ -1,4 +1,4 @@
-"""sudoku_model.py formats against the checker, a tiny end-to-end round (core trainer + engine + search), and
+"""papers/sudoku_model.py formats against the checker, a tiny end-to-end round (core trainer + engine + search), and
 the OpenAI-compatible backend against a local stub server (retries, then a clean stop with calls saved)."""
 
 import json
@@ -8,7 +8,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from scalelab import search, sudoku_model as sm, tasks
+from scalelab import search
+from scalelab.backends import OpenAIBackend, make_backend
+from scalelab.papers import sudoku_model as sm
+from scalelab.search import tasks
 
 
 def test_rewrite_verdict_matches_checker():
@@ -65,7 +68,7 @@ def test_tiny_training_round_and_local_search(tmp_path):
     assert [r["round"] for r in state["rounds"]] == [0, 1] and state["rounds"][1]["samples"] == 8
     again = sm.train_sudoku_model(tmp_path / "sv", sv)  # finished rounds are reused
     assert again == run
-    cfg = search.SearchConfig(backend=f"run:{run}", task="sudoku:4", n_problems=2, prompts="sudoku", k_inf=3,
+    cfg = search.SearchConfig(backend=str(run), task="sudoku:4", n_problems=2, prompts="sudoku", k_inf=3,
                               k_verif=2, k_tie=2, max_tokens=24, verify_max_tokens=40, score="prob", seeds=3,
                               threads=1)
     search.run_search(cfg, tmp_path / "s")
@@ -119,8 +122,8 @@ def test_openai_backend_and_failure_midrun(stub, tmp_path):
     cfg = search.SearchConfig(backend=spec, task="arithmetic", n_problems=3, k_inf=2, k_verif=2, k_tie=1,
                               seeds=2, retries=1, price="o1")
     _Stub.fail_from = 6  # the 6th request and every later one fail: retried once, then the run stops
-    be = search.make_backend(spec, retries=1)
-    be_fast = search.OpenAIBackend(be.url, be.model, retries=1, timeout=5)
+    be = make_backend(spec, retries=1)
+    be_fast = OpenAIBackend(be.base_url, be.model, max_retries=1, timeout=5)
     with pytest.raises(search.BackendError, match="failed after 2 attempts.*rerun the same command"):
         search.run_search(cfg, tmp_path / "o", gen=be_fast, ver=be_fast)
     saved = (tmp_path / "o" / "transcripts.jsonl").read_text().splitlines()

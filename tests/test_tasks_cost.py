@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scalelab import cost, tasks
+from scalelab.search import cost, tasks
 from scalelab.errors import DataError, ScalelabError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

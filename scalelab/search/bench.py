@@ -23,8 +23,12 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from scalelab import search
+from scalelab.backends import Backend
 from scalelab.errors import ScalelabError
+from scalelab.report import write_json, write_text
+from scalelab.search import tasks as tasksmod
+from scalelab.search.formats import make_format
+from scalelab.search.run import SearchConfig, Searcher, load_config, replay, search_backend
 
 # The paper's Table 7 (percent): scoring accuracy on correct / wrong responses, comparison accuracy.
 PAPER_TABLE7 = [("Claude 3.5 Sonnet", "Pass@1", 89.6, 22.5, 56.1), ("Claude 3.5 Sonnet", "Cons@5", 90.3, 17.5, 61.2),
@@ -35,7 +39,7 @@ PAPER_TABLE7 = [("Claude 3.5 Sonnet", "Pass@1", 89.6, 22.5, 56.1), ("Claude 3.5 
 
 def build_items(run_dir: Path) -> list[dict]:
     """(question, correct response, wrong response) entries from a search run's transcripts (no model call)."""
-    _, _, recs, _ = search.replay(run_dir)
+    _, _, recs, _ = replay(run_dir)
     items = []
     for rec in recs:
         right = [i for i, ok in enumerate(rec.correct) if ok]
@@ -51,17 +55,15 @@ def build_items(run_dir: Path) -> list[dict]:
     return items
 
 
-def score(items: list[dict], out: Path, backend: search.Backend | None, prompts: str, k: int = 5,
+def score(items: list[dict], out: Path, backend: Backend | None, prompts: str, k: int = 5,
           temperature: float = 1.0, max_tokens: int = 256, seed: int = 0) -> dict:
     """Scoring (correct / wrong) and comparison accuracy, Pass@1 and Cons@k, over `items`. backend None:
     from the transcripts only."""
-    from scalelab import tasks as tasksmod
-
     if k < 1:
         raise ScalelabError(f"k must be >= 1, got {k}")
-    fmt = search.make_format(prompts)
-    cfg = search.SearchConfig(seed=seed)
-    s = search.Searcher(cfg, out, tasksmod.Task("bench", []), None, backend, fmt)
+    fmt = make_format(prompts)
+    cfg = SearchConfig(seed=seed)
+    s = Searcher(cfg, out, tasksmod.Task("bench", []), None, backend, fmt)
     rng = random.Random(seed)
     tallies = {key: [0, 0] for key in ("correct@1", "correct@k", "wrong@1", "wrong@k", "compare@1", "compare@k")}
     unparsed = 0
@@ -97,9 +99,9 @@ def score(items: list[dict], out: Path, backend: search.Backend | None, prompts:
 
 
 def run(run_dir: Path, out: Path, verifier: str = "", k: int = 5, seed: int = 0,
-        backend: search.Backend | None = None) -> dict:
+        backend: Backend | None = None) -> dict:
     """Build the benchmark from `run_dir`, score a verifier (default: the run's own), write report.md."""
-    cfg = search.load_config(run_dir)
+    cfg = load_config(run_dir)
     spec = verifier or (cfg.backend if cfg.verifier in ("same", "checker") else cfg.verifier)
     items = build_items(run_dir)
     if not items:
@@ -111,13 +113,13 @@ def run(run_dir: Path, out: Path, verifier: str = "", k: int = 5, seed: int = 0,
         raise ScalelabError(f"cannot write to output directory {out}: {e.strerror}") from None
     (out / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
     if backend is None:
-        backend = search.make_backend(spec, cfg.retries)
+        backend = search_backend(spec, cfg.retries)
     m = score(items, out, backend, cfg.prompts, k, cfg.verify_temperature, cfg.verify_max_tokens, seed)
     m.update(source=str(run_dir), verifier=spec)
-    search.write_json(out / "metrics.json", m)
+    write_json(out / "metrics.json", m)
     a = m["accuracy"]
     paper = "\n".join(f"| {name} | {s} | {c} | {w} | {cmp} |" for name, s, c, w, cmp in PAPER_TABLE7)
-    (out / "report.md").write_text(f"""# Verification benchmark from `{run_dir}`
+    write_text(out / "report.md", f"""# Verification benchmark from `{run_dir}`
 
 {len(items)} entries (question, one correct response, one wrong response), built from the search run's own
 samples: the first correct response and the first response of the most-voted wrong answer. Verifier:

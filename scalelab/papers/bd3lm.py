@@ -1,4 +1,4 @@
-"""The BD3-LM reproduction behind `scalelab reproduce bd3lm` (section function in reproduce.py).
+"""BD3-LM: Block Diffusion (Arriola et al., ICLR 2025), the report-card section `scalelab reproduce bd3lm`.
 
 Arriola et al. (ICLR 2025), Tables 3–4: at an equal token budget, NELBO perplexity orders as
 AR ≤ BD3-LM L′=4 ≤ L′=16 ≤ MDLM (L′ = L); Table 7: generative perplexity improves as L′ shrinks. Here, on the
@@ -27,15 +27,17 @@ import torch
 from scalelab import config as configmod
 from scalelab import data as datamod
 from scalelab import diffusion as bd
+from scalelab.checkpoint import load_run
 from scalelab.model import KVCache, Transformer, generate
+from scalelab.papers.section import Options, Section
+from scalelab.report import figure, savefig, write_text
 
 log = logging.getLogger("scalelab")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def bd3_config(name: str, block: int, quick: bool, steps: int | None = None) -> configmod.Config:
     """The bd3-l4 recipe at this section's size; `block` 0 = AR, = context is MDLM."""
-    cfg = configmod.load(REPO / "recipes" / "bd3-l4.toml")
+    cfg = configmod.load("bd3-l4")
     cfg.name = name
     if quick:
         cfg.model.context, cfg.model.d_model, cfg.model.n_layer = 64, 64, 2
@@ -61,8 +63,6 @@ def _val_batches(cfg: configmod.Config, n: int) -> list:
 
 
 def _load(run: Path) -> tuple[configmod.Config, Transformer]:
-    from scalelab.train import load_run
-
     return load_run(run)
 
 
@@ -94,15 +94,16 @@ def forward_ceiling(model: Transformer, block: int, n: int, reps: int) -> float:
     cost = {}
     for T in (1, block, 2 * block):
         cache = KVCache(model.cfg, n, model.cfg.context, device="cpu")
-        cache.length = max(0, min(model.cfg.context // 2, model.cfg.context - 2 * block))  # a mid-window past
+        past = max(0, min(model.cfg.context // 2, model.cfg.context - 2 * block))  # a mid-window past
+        cache.truncate(past)
         idx = torch.zeros(n, T, dtype=torch.long)
-        mask = torch.ones(T, cache.length + T, dtype=torch.bool)
+        mask = torch.ones(T, past + T, dtype=torch.bool)
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             model(idx, mask=mask, cache=cache, head_slice=slice(0, 1 if T == 1 else 4))
             times.append(time.perf_counter() - t0)
-            cache.length -= T
+            cache.truncate(past)
         cost[T] = statistics.median(times)
     return block * cost[1] / (3 * cost[block] + cost[2 * block])
 
@@ -185,7 +186,7 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
         m = ar if name == "ar" else _load(out / name)[1]
         rows = sample_rows(m, block, n_samples, length, 0, 0, eot)
         gen[name] = bd.generative_ppl(ar, _truncate(rows, eot), eot)
-    (out / "samples.txt").write_text("\n\n".join(
+    write_text(out / "samples.txt", "\n\n".join(
         f"--- {name} ---\n" + tok.decode(_truncate(sample_rows(ar if name == "ar" else _load(out / name)[1],
                                                                block, 1, length, 0, 0, eot), eot)[0][1:])
         for name, block, _ in plan if name != "ft-pretrain-mdlm"))
@@ -203,14 +204,7 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
 
 
 def _plot(out: Path, res: dict, ppl: dict, ctx: int, frontier: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scalelab.report import savefig
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = figure(1, 2, figsize=(11, 4))
     pts = sorted((v["block"], ppl[k], k) for k, v in res.items() if k not in ("ar", "ft-l4"))
     xs = [p[0] for p in pts]
     a.errorbar(xs, [p[1] for p in pts], yerr=[2 * ppl[p[2]] * res[p[2]]["se"] for p in pts], marker="o",
@@ -240,7 +234,7 @@ def _plot(out: Path, res: dict, ppl: dict, ctx: int, frontier: list[dict]) -> No
     savefig(fig, out / "bd3lm.png")
 
 
-def body(r: dict) -> tuple[str, str]:
+def report_body(r: dict) -> tuple[str, str]:
     """(measured one-liner, Markdown body) for the report card."""
     res, ppl, gen, cfg = r["res"], r["ppl"], r["gen"], r["cfg"]
     tokens = r["steps"] * cfg.train.batch_size * r["ctx"]
@@ -295,3 +289,12 @@ the machine: ceiling = 16·t(1) / (3·t(16) + t(32)), measured on the model itse
 hardware where a forward costs the same for 1 and 32 tokens (a GPU at small batch); a 2-core CPU is not that.
 """
     return measured, text
+
+
+def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
+    """AR vs BD3-LM L′ ∈ {4, 16} vs MDLM at an equal token budget (runs, NELBO, gen ppl, frontier, plot)."""
+    r = run_bd3lm(out, quick)
+    measured, body = report_body(r)
+    return Section("bd3lm", "BD3-LM: Block Diffusion (Arriola et al., ICLR 2025)",
+                   "perplexity orders AR ≤ BD3-LM L′=4 ≤ L′=16 ≤ MDLM (Tables 3–4); smaller blocks sample better "
+                   "(Table 7)", measured, "holds" if r["holds"] else "does not hold", body, ["bd3lm.png"])

@@ -1,54 +1,18 @@
-"""A small Transformer that solves 4×4 Sudoku and verifies its own answers, trained here by the core trainer.
+"""A small Transformer that solves 4×4 Sudoku and verifies its own answers: the model of the SSS reproduction
+(Zhao et al. 2025, §1-§3), trained here by the core trainer.
 
-Issue 7, item 6: the embedded SmolLM2-135M cannot verify itself (its P("Yes") is near chance), so the central
-mechanism of SSS (Zhao et al. 2025, §1-§3) cannot be shown with it. This module builds a model that can, on a
-task where checking is easier than solving: a wrong grid that keeps the clues of a uniquely solvable puzzle
-must repeat a digit in some row, column or box.
-
-The recipe:
-- Round 0: the model learns to solve (`Q{puzzle} S{solution}` lines, puzzles from the train split only; the
-  test split, 1 puzzle in 10 by hash, is never trained on) and, in half of the lines, to verify: balanced
-  (puzzle, candidate) -> lemmas -> Y/N lines on the reference solution or a corruption of it shaped like the
-  solver's own mistakes (`corrupt`), labelled by the checker. Without this warm-up the first rounds have a
-  verifier at chance labelling nothing useful.
-- Rounds 1..R: the current model samples k solutions to fresh training puzzles at T = 1; the programmatic
-  checker labels them; training continues on a mix of solving lines, balanced Y/N verification lines about
-  the model's own candidates, and comparison lines (one correct and one wrong candidate of the same puzzle,
-  in random order). Solving lines stay 40% of every round so that the output format (the grid shape and
-  the newline that ends an answer) survives as verification grows. The two skills compete for the steps
-  (seed 0, 200 held-out puzzles unless said): 500 round-0 steps gave a solver at Pass@16 83.5% with a
-  verifier at AUROC 0.97; 800 steps with only 30% verifying and half of each round solving gave Pass@16 99%
-  but AUROC 0.84 (first 75 puzzles), its "every clue kept" mark wrong in 28% of verifications. The default
-  is 800 round-0 steps at the 50/40% shares.
-- Only the model's side of each line is trained on (`data.loss_after`: the text after S, V or W); the puzzle
-  and the candidate are context. With the whole-line loss the verdict was one token among ~60 of puzzle
-  digits, and the verifier stayed at chance.
-- Three verification formats (`lemmas`), all ending in the verdict Y/N. "rewrite" (the default) follows the
-  paper's second principle literally (§3, "rewrite for output-style suitability"): the clues and rows first,
-  row by row, each cell as the puzzle's character and the candidate's digit side by side with a check after
-  the pair, each row's check after its four cells; then every column and box copied out with its check (see
-  `rewrite`). "marks" keeps the checks without the copied characters; "none" gives the verdict alone.
-  Measured with an earlier layout (groups first, clues last; 3.1M parameters, round 0 only with half
-  verification lines, 100 held-out puzzles, k = 8): verifier AUROC 0.82 with "rewrite", 0.53 with "marks"
-  and 0.51 with "none".
-- What the layout changed (search on 200 held-out 4-clue puzzles, k_inf = 16, k_verif = 2, P(Y), seed 0,
-  500 round-0 steps). With the clue lemma last, read from puzzle cells ~100 tokens back, the verifier wrote a
-  broken clue as broken 13% of the time and topped out at AUROC 0.76-0.86 over four runs; Verification@16 was
-  within 6 points of Consistency@16, on either side. With the clue lemma first, as adjacent pairs: broken
-  clues caught 90% of the time, verdicts right 96%, AUROC 0.97, Verification@16 78.5% vs Consistency@16 53.6%.
-- With a separate "every clue kept" mark after the rows (v2; 800 round-0 steps, two seeds): AUROC 0.995 /
-  0.880, Verification@16 91.0 / 66.5%; seed 1 wrote that mark wrong in a third of its verifications, an
-  aggregation over marks ~50 tokens apart. Folding each row's clues into its row check (v3, the default) made
-  every aggregation local: Pass@1 39.6 / 44.6%, Consistency@16 63.1 / 61.2%, Verification@16 92.5 / 93.0%
-  (gap +29.4 / +31.8, 95% CIs above +23), P(Y)-weighted vote 92.0 / 93.5%, Pass@16 93.0 / 94.0%, AUROC
-  0.997 / 0.994; verdicts right 96.5 / 97.2% of the time.
-- The comparison line follows the first principle: it lists the cells where the two answers diverge, then
-  names the correct one.
-
-Training uses `train.train` unchanged: each round writes the corpus file (one example per line, byte-level
-vocabulary of 257 so the tokenizer is the same every round) and resumes the same run directory with more
-steps; the learning-rate schedule therefore restarts its cosine at each round (warm restarts). Everything is
-seeded; every round's corpus and statistics are kept in the output directory, and finished rounds are reused.
+The embedded SmolLM2-135M cannot verify itself (its P("Yes") is near chance), so SSS's central mechanism is
+shown on a task where checking is easier than solving: a wrong grid that keeps the clues of a uniquely
+solvable puzzle must repeat a digit in some row, column or box.
+- Round 0 teaches solving (`Q{puzzle} S{solution}`, train-split puzzles only) plus checker-labelled
+  verification of the reference solution or a corruption of it; rounds 1..R sample the model's own
+  candidates, label them with the checker, and train on solving, balanced Y/N verification and comparison
+  lines (self-verification, §3).
+- Only the model's side of each line is trained on (`data.loss_after`); verification lines restate the
+  candidate as clue/row/column/box lemmas, each checked (§3's "rewrite for output-style suitability").
+- Training uses `train.train` unchanged: each round writes a corpus file (byte-level vocabulary of 257) and
+  resumes the same run with more steps; everything is seeded and finished rounds are reused.
+The formats, schedules and the measurements behind them are in docs/sudoku-model.md.
 """
 
 from __future__ import annotations
@@ -59,8 +23,9 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from scalelab import config as configmod, tasks
+from scalelab import config as configmod
 from scalelab.errors import ScalelabError
+from scalelab.search import tasks
 
 log = logging.getLogger("scalelab")
 
@@ -204,13 +169,15 @@ def trainer_config(sv: SVConfig, corpus: Path, cache: Path, max_steps: int, name
 
 # ------------------------------------------------------------------------------------------- pipeline
 def _sample_round(run: Path, puzzles: list[tasks.Problem], sv: SVConfig, rnd: int) -> list[tuple[tasks.Problem, list[str]]]:
-    from scalelab.search import LocalBackend, SudokuFormat, derive_seed
+    from scalelab.engine import SamplingParams
+    from scalelab.search import SudokuFormat, derive_seed, search_backend
 
-    be, fmt = LocalBackend.from_spec(f"run:{run}"), SudokuFormat()
+    be, fmt = search_backend(str(run)), SudokuFormat()
     out = []
     for p in puzzles:
-        r = be.generate(fmt.solve(p), sv.k_sample, sv.temperature, 24, fmt.stop, derive_seed(sv.seed, f"r{rnd}:{p.id}"))
-        out.append((p, [fmt.cand(o.text) for o in r.outputs]))
+        r = be.generate(fmt.solve(p), SamplingParams(n=sv.k_sample, max_tokens=24, temperature=sv.temperature,
+                                                     stop=fmt.stop, seed=derive_seed(sv.seed, f"r{rnd}:{p.id}")))
+        out.append((p, [fmt.cand(c.text) for c in r.choices]))
     return out
 
 
