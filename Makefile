@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/scalelab train --recipe recipes/tiny.toml --out runs/demo/tiny --resume
+	$(VENV)/bin/scalelab train --recipe tiny --out runs/demo/tiny --resume
 	$(VENV)/bin/scalelab sample --run runs/demo/tiny --prompt "def parse_args(" --max-tokens 120 --seed 0
 	$(VENV)/bin/scalelab reproduce dyt --quick --out runs/demo/reproduce
-	$(VENV)/bin/scalelab generate --model smollm2 --prompt "Name three prime numbers." -n 2 --max-tokens 40 --seed 0
+	$(VENV)/bin/scalelab sample --model smollm2 --prompt "Name three prime numbers." -n 2 --max-tokens 40 --seed 0
 	@echo "demo done: runs/demo/tiny/report.md and the report card runs/demo/reproduce/report.md"
 
 test: $(STAMP)

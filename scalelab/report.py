@@ -61,6 +61,15 @@ def savefig(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def make_dir(path: Path) -> Path:
+    """Create an output directory, or fail with one line the user can act on."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ScalelabError(f"cannot write to output directory {path}: {e.strerror}") from None
+    return Path(path)
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically: a temporary file beside it, then a rename."""
     path = Path(path)

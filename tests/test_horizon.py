@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scalelab import horizon as H
+from scalelab import cli, horizon as H
 from scalelab.errors import ScalelabError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_report_end_to_end_and_all_fail_model(tmp_path):
     dates = _write_csv(tmp_path / "d.csv", ["synthetic,2023-01-01", "later,2024-01-01", "zero,2022-01-01"],
                        header="model,release_date")
     out = tmp_path / "report"
-    H.horizon_command(tmp_path / "s.csv", release_dates=dates, out=out, n_bootstrap=30, p="50,80,95")
+    cli.horizon(tmp_path / "s.csv", release_dates=dates, out=out, n_bootstrap=30, p="50,80,95")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["bootstrap.csv", "headline.png", "horizons.csv", "report.md", "success_vs_length.png"]
     md = (out / "report.md").read_text()
@@ -218,7 +218,7 @@ def test_report_end_to_end_and_all_fail_model(tmp_path):
     orig, R._write_md = R._write_md, boom
     try:
         with pytest.raises(RuntimeError):
-            H.horizon_command(tmp_path / "s.csv", release_dates=dates, out=out, n_bootstrap=10, seed=7)
+            cli.horizon(tmp_path / "s.csv", release_dates=dates, out=out, n_bootstrap=10, seed=7)
     finally:
         R._write_md = orig
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -1,4 +1,4 @@
-"""tasks.py and cost.py: generators against brute-force oracles, loaders, extraction, prices."""
+"""search/tasks.py and search/cost.py: generators against brute-force oracles, loaders, extraction, prices."""
 
 import itertools
 import json

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from scalelab.errors import ScalelabError
 from scalelab.papers.section import Options, Section
-from scalelab.report import write_text
+from scalelab.report import make_dir, write_text
 
 PAPERS = {
     "dyt": "scalelab.papers.dyt",
@@ -33,10 +33,7 @@ def reproduce(papers: list[str], out: Path, quick: bool = False, opts: Options |
     if unknown:
         raise ScalelabError(f"unknown paper {unknown[0]!r} (choose from {', '.join(PAPERS)})")
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ScalelabError(f"cannot write to output directory {out}: {e.strerror}") from None
+    make_dir(out)
     sections = []
     for p in papers:
         sub = out / (f"{p}-quick" if quick and p != "horizon" else p)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from scalelab.backends import Backend
 from scalelab.errors import ScalelabError
-from scalelab.report import write_json, write_text
+from scalelab.report import make_dir, write_json, write_text
 from scalelab.search import tasks as tasksmod
 from scalelab.search.formats import make_format
 from scalelab.search.run import SearchConfig, Searcher, load_config, replay, search_backend
@@ -107,11 +107,8 @@ def run(run_dir: Path, out: Path, verifier: str = "", k: int = 5, seed: int = 0,
     if not items:
         raise ScalelabError(f"{run_dir} has no problem with both a correct and a wrong answer: nothing to compare")
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ScalelabError(f"cannot write to output directory {out}: {e.strerror}") from None
-    (out / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    make_dir(out)
+    write_text(out / "items.jsonl", "".join(json.dumps(it) + "\n" for it in items))
     if backend is None:
         backend = search_backend(spec, cfg.retries)
     m = score(items, out, backend, cfg.prompts, k, cfg.verify_temperature, cfg.verify_max_tokens, seed)

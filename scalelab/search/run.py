@@ -59,7 +59,7 @@ from scalelab import config as configmod
 from scalelab.backends import Backend, BackendError, Prompt, canonical_spec, make_backend
 from scalelab.engine import SamplingParams
 from scalelab.errors import ScalelabError
-from scalelab.report import write_json
+from scalelab.report import make_dir, write_json
 from scalelab.search import tasks as tasksmod
 from scalelab.search.formats import STYLES, make_format, prompt_file
 from scalelab.search.select import select
@@ -351,10 +351,7 @@ def prepare_run(cfg: SearchConfig, run_dir: Path, resume: bool) -> tasksmod.Task
                                 f"choose another --out")
         if not resume:
             log.info(f"resuming the search in {run_dir}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ScalelabError(f"cannot write to output directory {run_dir}: {e.strerror}") from None
+    make_dir(run_dir)
     write_json(cfg_path, dataclasses.asdict(cfg))
     prob_path = run_dir / "problems.jsonl"
     if prob_path.is_file():

@@ -1,6 +1,6 @@
 """Benchmark tasks for test-time search: generated arithmetic and Sudoku, GSM8K/MATH-style JSONL, checkers.
 
-Used by `search.py` (Sampling-based search with self-verification, Zhao et al. 2025, §1 Algorithm 1 and §5's
+Used by `search/run.py` (Sampling-based search with self-verification, Zhao et al. 2025, §1 Algorithm 1 and §5's
 benchmarks). A task is a list of `Problem`s plus two functions: `extract(problem, response)` pulls the final
 answer out of a response (None when there is none: counted, never a crash) and `is_correct(problem, answer)`.
 
