@@ -310,13 +310,20 @@ def search_train_sudoku(
     quick: Annotated[bool, typer.Option(help="a tiny model, for a demo or CI")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option(help="torch threads (0 = default)")] = 0,
+    config: Annotated[Optional[Path], typer.Option(help="a TOML file with a [sudoku] table (any SVConfig key)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set sudoku.rounds=2")] = None,
 ) -> None:
     """Train the self-verifying 4×4 Sudoku model (solve, then rounds of sample → check → train)."""
+    from dataclasses import asdict
+
+    from scalelab import config as configmod
     from scalelab.papers import sudoku_model
 
     logmod.setup()
-    sv = sudoku_model.SVConfig.quick(seed) if quick else sudoku_model.SVConfig(seed=seed)
-    sv.threads = threads
+    base = sudoku_model.SVConfig.quick(seed) if quick else sudoku_model.SVConfig(seed=seed)
+    base.threads = threads
+    sv = configmod.make_section(sudoku_model.SVConfig, "sudoku",
+                                {**asdict(base), **configmod.section_values("sudoku", config, set_ or [])})
     run = sudoku_model.train_sudoku_model(out, sv, progress=True)
     typer.echo(f"model: {run}  (search it: scalelab search --backend {run} --tasks sudoku:4 --score prob)")
 
@@ -366,6 +373,8 @@ def horizon(
                                                        "bootstrap/headline.csv) instead of bootstrapping.")] = None,
     after: Annotated[Optional[str], typer.Option(help="Only models released on or after YYYY-MM-DD enter "
                                                  "the trend.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="a TOML file with a [horizon] table (any HorizonConfig key)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set horizon.C=5")] = None,
 ) -> None:
     """METR-style time horizons from a runs file: fits, bootstrap CIs, doubling time, report and plots."""
     import math
@@ -373,16 +382,18 @@ def horizon(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from scalelab import horizon as H
+    from scalelab import config as configmod, horizon as H
     from scalelab.horizon_report import write_report
 
-    after_date = H._parse_date(after, "--after") if after else None
+    flags = dict(release_dates=str(release_dates or ""), models=models or "", weighting=weighting, C=C,
+                 bootstrap=n_bootstrap, seed=seed, p=p, replicates=str(replicates or ""), after=after or "")
+    cfg = configmod.make_section(H.HorizonConfig, "horizon",
+                                 {**flags, **configmod.section_values("horizon", config, set_ or [])})
     console = Console(stderr=True)
     with Progress(TextColumn("bootstrap"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task("bootstrap", total=n_bootstrap)
-        result = H.analyse(runs, release_dates, models, weighting, C, n_bootstrap, seed, H.parse_ps(p),
-                           replicates, after_date, progress=lambda k: bar.advance(task, k))
+        task = bar.add_task("bootstrap", total=cfg.bootstrap)
+        result = cfg.analyse(runs, progress=lambda k: bar.advance(task, k))
     paths = write_report(result, out)
     for t in result.trends:
         lo, hi = t.ci

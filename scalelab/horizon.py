@@ -687,6 +687,29 @@ def _is_fits_csv(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- driver
 @dataclass
+class HorizonConfig:
+    """Every option of `scalelab horizon`, as a config section (`[horizon]` in a TOML file, `--set horizon.KEY=V`,
+    unknown keys are errors). Paths are strings; "" means not given."""
+
+    release_dates: str = ""
+    models: str = ""  # frontier11 | all | a comma list; "" = all models with a release date
+    weighting: str = "invsqrt"  # invsqrt (METR) | equal | none | given
+    C: float = 10.0  # inverse L2 strength on the slope (METR: 10)
+    bootstrap: int = 1000  # hierarchical bootstrap replicates (0: none)
+    seed: int = 42  # replicate r uses default_rng(seed + r) (METR: 42)
+    p: str = "50,80"  # success levels, percent or fraction
+    replicates: str = ""  # saved replicates to reuse instead of bootstrapping
+    after: str = ""  # only models released on or after this date enter the trend
+    level: float = 0.95
+
+    def analyse(self, source: Path, progress: Callable[[int], None] | None = None) -> HorizonResult:
+        opt = lambda v: Path(v) if v else None  # noqa: E731
+        return analyse(source, opt(self.release_dates), self.models or None, self.weighting, self.C, self.bootstrap,
+                       self.seed, parse_ps(self.p), opt(self.replicates),
+                       _parse_date(self.after, "--after") if self.after else None, progress, self.level)
+
+
+@dataclass
 class HorizonResult:
     source: Path
     runs: Runs | None
