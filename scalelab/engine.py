@@ -13,6 +13,10 @@ Notable choices:
 - Every sample has its own random generator: sample i of a request with seed s uses `sample_seed(s, i)`
   (`sample_seed(s, 0) == s`), so it is the same sample whatever n it was drawn with, and equals drawing it
   alone. Finished rows are dropped from the batch, so they cost nothing afterwards.
+- Tokens are drawn by `model.sample_next`, the lab's one token draw, with one generator per sample. With
+  `slide`, generation goes past the context: when the cache is full it is rebuilt from each row's last
+  context/2 tokens (used for long fixed-length samples, e.g. the BD3-LM report's AR baseline); servers stop at
+  the context instead ("length").
 - Logprobs are the model's own: log-softmax of the raw logits, before temperature, top-k and top-p (as vLLM
   reports them), so they can be compared across sampling settings.
 - `score` returns log P(continuation | prompt) with one forward over all continuations (right-padded), which
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from scalelab.errors import ScalelabError
-from scalelab.model import KVCache, Transformer, sampling_probs
+from scalelab.model import KVCache, Transformer, sample_next
 
 MAX_TOP_LOGPROBS = 20
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -55,6 +59,7 @@ class SamplingParams:
     stop_ids: Sequence[int] = ()  # extra stop tokens, besides the engine's own (EOS)
     logprobs: bool = False
     top_logprobs: int = 0
+    slide: bool = False  # past the context, go on from the last context/2 tokens (a sliding window)
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -73,6 +78,7 @@ class SamplingParams:
              f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         need(all(isinstance(i, int) for i in self.stop_ids), "stop_ids must be integers")
+        need(isinstance(self.slide, bool), "slide must be true or false")
 
 
 @dataclass
@@ -146,14 +152,6 @@ class PrefixCache:
             self.store.popitem(last=False)
 
 
-def _draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """One token per row by inverse CDF, row i using its own generator. probs: (B, V) -> (B,)."""
-    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
-    cdf = probs.double().cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-    return idx.clamp_(max=probs.size(-1) - 1)
-
-
 def _safe_text_end(text: str, stops: Sequence[str]) -> int:
     """How much of `text` can be shown now: hold back an incomplete UTF-8 character and any tail that could
     still grow into a stop string."""
@@ -213,8 +211,8 @@ class Engine:
         self._check_prompt(prompt)
         if params.stop and self.decode is None:
             raise ScalelabError("stop strings need an engine with a decode callback (give stop ids instead)")
-        n, P = params.n, len(prompt)
-        max_new = min(params.max_tokens, self.cfg.context - P)
+        n, P, ctx = params.n, len(prompt), self.cfg.context
+        max_new = params.max_tokens if params.slide else min(params.max_tokens, ctx - P)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
         stops = set(self.stop_ids) | set(params.stop_ids)
@@ -222,17 +220,14 @@ class Engine:
         pre, logits, cached = self._prefill(prompt)
         self.last_cached_tokens = cached
         self.prompt_tokens += P
-        cache = KVCache(self.cfg, n, P + max_new, dtype=self.dtype, device=self.device)
+        cache = KVCache(self.cfg, n, ctx if params.slide else P + max_new, dtype=self.dtype, device=self.device)
         cache.load_prefix(*pre.prefix())
         logits = logits.expand(n, -1)
         rows = list(range(n))  # sample index of each live batch row
         out: list[list[int]] = [[] for _ in range(n)]
         shown = [0] * n  # characters of text already yielded
         for step in range(max_new):
-            if params.temperature <= 0:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = _draw(sampling_probs(logits, params.temperature, params.top_k, params.top_p), [gens[r] for r in rows])
+            nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, [gens[r] for r in rows])
             lp = top = None
             if params.logprobs or want_top:
                 logp = torch.log_softmax(logits.float(), dim=-1)
@@ -272,7 +267,12 @@ class Engine:
                 cache.select_rows(idx)
                 rows = [rows[j] for j in keep]
                 nxt = nxt[idx]
-            logits = self.model(nxt[:, None], cache=cache)[:, -1]
+            if cache.length >= cache.max_len:  # slide: rebuild from each row's last context/2 tokens
+                window = torch.tensor([(list(prompt) + out[r])[-(ctx // 2):] for r in rows], device=self.device)
+                cache = KVCache(self.cfg, len(rows), ctx, dtype=self.dtype, device=self.device)
+                logits = self.model(window, cache=cache)[:, -1]
+            else:
+                logits = self.model(nxt[:, None], cache=cache)[:, -1]
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         """All `params.n` completions of `prompt` (see `stream`)."""

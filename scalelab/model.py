@@ -10,13 +10,16 @@ Notable choices:
   γ·tanh(α·x) + β with one learnable scalar α per layer; it replaces every norm, the final one included.
   As in the paper's LLaMA code, α starts larger in attention norms than in the others, shrinking with
   width (Table 12), and a learnable scalar initialised to √d multiplies the embedding output.
-- A preallocated KV cache serves generation: prefill a prompt once, then decode one token at a time.
+- A preallocated KV cache serves generation (engine.py, diffusion.py): prefill a prompt once, then decode one
+  token at a time; the cache owns its tensors (prefix, select_rows, slide, truncate).
+- `sample_next` is the one token draw (temperature, top-k, top-p by rejection), for every sampler.
 - Initialisation: N(0, init_std) everywhere, residual output projections scaled by 1/√(2·n_layer).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -290,8 +293,13 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits: (B, V) -> next ids (B,), drawn from `sampling_probs`. temperature 0 is greedy.
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """logits: (B, V) -> next ids (B,), drawn from `sampling_probs`. temperature 0 is greedy. The one token
+    draw of the lab: the engine and BD3-LM sampling both call it.
+
+    `generator` is one generator for the whole batch, or one per row: then each row draws only from its own
+    (in float64), so a row's sample does not depend on the other rows (the engine's contract: sample i of a
+    request is the same whatever n it was drawn with).
 
     Top-p without sorting the vocabulary: draw from the unfiltered distribution p and keep a draw j when it is
     in the nucleus (the mass of ids likelier than j is ≤ top_p), else draw that row again. Accepted draws follow
@@ -301,12 +309,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """
     if temperature <= 0:
         return logits.argmax(-1)
+    per_row = isinstance(generator, (list, tuple))
     p = _filter(logits, temperature, top_k)
+    if per_row:
+        p = p.double()
     cdf = p.cumsum(-1)
     out = torch.empty(p.size(0), dtype=torch.long, device=p.device)
     rows = torch.arange(p.size(0), device=p.device)
     while rows.numel():
-        u = torch.rand(rows.numel(), 1, generator=generator, device=p.device) * cdf[rows, -1:]
+        if per_row:
+            u = torch.stack([torch.rand((), generator=generator[i], dtype=torch.float64) for i in rows.tolist()])
+            u = u.to(p.device)[:, None] * cdf[rows, -1:]
+        else:
+            u = torch.rand(rows.numel(), 1, generator=generator, device=p.device) * cdf[rows, -1:]
         j = torch.searchsorted(cdf[rows], u).clamp_(max=p.size(-1) - 1)  # (n, 1)
         if top_p >= 1.0:
             out[rows] = j.squeeze(-1)
@@ -316,40 +331,3 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         out[rows[ok]] = j.squeeze(-1)[ok]
         rows = rows[~ok]
     return out
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_id: int | None = None,
-             use_cache: bool = True) -> torch.Tensor:
-    """Sample continuations. prompt: (B, T0) -> (B, T0 + new) ids.
-
-    With the KV cache the prompt is prefilled once and each step feeds one token. When the sequence reaches
-    the model's context, the window slides: the cache is rebuilt from the last context/2 tokens. Rows that
-    emit `stop_id` keep emitting it, and generation ends when every row has stopped.
-    """
-    model.eval()
-    ctx = model.cfg.context
-    gen = torch.Generator().manual_seed(seed)
-    seq = prompt
-    done = torch.zeros(prompt.shape[0], dtype=torch.bool)
-    cache, fed = None, 0
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            logits = model(seq[:, -ctx:])[:, -1]
-        else:
-            if cache is None or cache.length >= ctx:
-                window = seq[:, -(ctx // 2 if cache is not None else ctx):]
-                cache = KVCache(model.cfg, seq.shape[0], ctx, dtype=next(model.parameters()).dtype)
-                logits = model(window, cache=cache)[:, -1]
-            else:
-                logits = model(seq[:, fed:], cache=cache)[:, -1]
-            fed = seq.shape[1]
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)
-        if stop_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
-            done |= nxt == stop_id
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-        if stop_id is not None and bool(done.all()):
-            break
-    return seq

@@ -8,7 +8,7 @@ import torch
 from scalelab.config import ModelConfig
 from scalelab.engine import Engine, SamplingParams, _safe_text_end, sample_seed
 from scalelab.errors import ScalelabError
-from scalelab.model import Transformer
+from scalelab.model import Transformer, sample_next
 from scalelab.tokenizer import train_bpe
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
@@ -162,3 +162,48 @@ def test_top_logprobs(model):
     ids, vals = zip(*c.top_logprobs[0])
     assert list(ids) == logp.topk(5).indices.tolist()
     assert ids[0] == c.tokens[0] and abs(vals[0] - logp.max().item()) < 1e-5
+
+
+# ---- the one sampling path: the engine against a plain loop (these replace model.generate's tests) ----------
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_engine_equals_a_plain_loop_without_cache(model, temperature):
+    """Oracle: per sample, a full forward over the whole sequence at every step, then the same token draw with
+    the sample's own generator. The engine (shared prefill, KV cache, batched rows) must give the same tokens."""
+    prompt, n, steps = [7, 8, 9, 10, 11], 3, 20
+    params = SamplingParams(n=n, max_tokens=steps, temperature=temperature, top_k=20, top_p=0.9, seed=7)
+    got = Engine(model, prefix_cache=0).generate(prompt, params).completions
+    for i, c in enumerate(got):
+        gen = torch.Generator().manual_seed(sample_seed(7, i))
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = model(torch.tensor([seq]))[:, -1]
+                seq.append(int(sample_next(logits, temperature, 20, 0.9, [gen])[0]))
+        assert c.tokens == seq[len(prompt):] and c.finish_reason == "length"
+
+
+def test_generation_past_context_slides_window(model):
+    eng = Engine(model, prefix_cache=0)
+    ctx = model.cfg.context
+    prompt = list(range(1, 11))
+    long = eng.generate(prompt, SamplingParams(max_tokens=3 * ctx, temperature=1.0, seed=0, slide=True))
+    assert len(long.completions[0].tokens) == 3 * ctx  # past the context, as a sliding window
+    short = eng.generate(prompt, SamplingParams(max_tokens=3 * ctx, temperature=1.0, seed=0))
+    assert len(short.completions[0].tokens) == ctx - len(prompt) and short.completions[0].finish_reason == "length"
+    assert long.completions[0].tokens[:ctx - len(prompt)] == short.completions[0].tokens  # same until the slide
+    # after a slide the next token is the model's own prediction from the last context/2 tokens
+    greedy = eng.generate(prompt, SamplingParams(max_tokens=ctx, temperature=0, slide=True)).completions[0].tokens
+    seq, P = prompt + greedy, len(prompt)
+    cut = ctx - P  # token `cut` fills the context; token cut + 1 is the first decoded from the rebuilt cache
+    with torch.no_grad():
+        assert greedy[cut] == int(model(torch.tensor([seq[:P + cut]]))[0, -1].argmax())
+        for t in (cut + 1, cut + 2):  # the window: the last context/2 tokens at the rebuild, then growing
+            window = seq[P + cut + 1 - ctx // 2:P + t]
+            assert greedy[t] == int(model(torch.tensor([window]))[0, -1].argmax())
+
+
+def test_stop_id_ends_rows(model):
+    with torch.no_grad():
+        first = model(torch.tensor([[1, 2, 3]]))[0, -1].argmax().item()
+    c = Engine(model, stop_ids=[first]).generate([1, 2, 3], SamplingParams(max_tokens=10, temperature=0)).completions[0]
+    assert c.tokens == [] and c.finish_reason == "stop"

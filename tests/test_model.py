@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from scalelab.config import ModelConfig
-from scalelab.model import (DyT, KVCache, Transformer, apply_rope, dyt_alpha_init, generate, rope_tables,
+from scalelab.model import (DyT, KVCache, Transformer, apply_rope, dyt_alpha_init, rope_tables,
                             sample_next, sampling_probs)
 
 
@@ -131,32 +131,6 @@ def test_kv_cache_equals_full_recomputation(norm):
         parts.append(m(x[:, 16:], cache=cache))  # chunked prefill after decoding
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 24
-
-
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generate_with_cache_equals_without(temperature):
-    torch.manual_seed(4)
-    m = Transformer(cfg()).eval()
-    prompt = torch.randint(0, 97, (3, 5))
-    a = generate(m, prompt, 20, temperature=temperature, top_k=20, top_p=0.9, seed=7)
-    b = generate(m, prompt, 20, temperature=temperature, top_k=20, top_p=0.9, seed=7, use_cache=False)
-    assert torch.equal(a, b)
-    assert a.shape == (3, 25)
-
-
-def test_generation_past_context_slides_window():
-    m = Transformer(cfg(context=16)).eval()
-    out = generate(m, torch.randint(0, 97, (1, 10)), 30, temperature=1.0, seed=0)
-    assert out.shape == (1, 40)
-
-
-def test_stop_id_ends_rows():
-    torch.manual_seed(5)
-    m = Transformer(cfg()).eval()
-    with torch.no_grad():
-        first = m(torch.tensor([[1, 2, 3]]))[0, -1].argmax().item()
-    out = generate(m, torch.tensor([[1, 2, 3]]), 10, temperature=0.0, stop_id=first)
-    assert out.tolist()[0] == [1, 2, 3, first]
 
 
 def test_top_p_keeps_smallest_nucleus():

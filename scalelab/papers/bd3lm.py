@@ -28,7 +28,8 @@ from scalelab import config as configmod
 from scalelab import data as datamod
 from scalelab import diffusion as bd
 from scalelab.checkpoint import load_run
-from scalelab.model import KVCache, Transformer, generate
+from scalelab.engine import Engine, SamplingParams
+from scalelab.model import KVCache, Transformer
 from scalelab.papers.section import Options, Section
 from scalelab.report import figure, savefig, write_text
 
@@ -70,12 +71,14 @@ def _load(run: Path) -> tuple[configmod.Config, Transformer]:
 def sample_rows(model: Transformer, block: int, n: int, length: int, steps: int, seed: int, eot: int,
                 stop: bool = True, top_p: float = 0.9) -> torch.Tensor:
     """n samples of `length` new tokens from an end-of-text start; block 0 = AR sampling. -> (n, 1 + length)."""
-    prompt = torch.full((n, 1), eot, dtype=torch.long)
-    stop_id = eot if stop else None
     if block:
+        prompt = torch.full((n, 1), eot, dtype=torch.long)
         return bd.bd3_generate(model, prompt, length, block, steps, temperature=1.0, top_p=top_p, seed=seed,
-                               stop_id=stop_id)
-    return generate(model, prompt, length, temperature=1.0, top_p=top_p, seed=seed, stop_id=stop_id)
+                               stop_id=eot if stop else None)
+    # AR through the engine, sliding past the context like BD3's window; a stopped row is padded with EOT
+    g = Engine(model, stop_ids=[eot] if stop else [], prefix_cache=0).generate(
+        [eot], SamplingParams(n=n, max_tokens=length, temperature=1.0, top_p=top_p, seed=seed, slide=True))
+    return torch.tensor([[eot] + (c.tokens + [eot] * (length - len(c.tokens))) for c in g.completions])
 
 
 def _truncate(rows: torch.Tensor, eot: int) -> list[list[int]]:
