@@ -34,6 +34,7 @@ class ModelConfig:
     dyt_alpha_attn: float = 0.0  # 0 = from the DyT paper's width table (see model.dyt_alpha_init)
     dyt_alpha_other: float = 0.0
     dyt_embed_scale: bool = True  # DyT-LLaMA: a learnable scalar (init √d) after the embedding
+    final_norm: str = ""  # the norm before the output head; "" = model.norm (an ablation knob for DyT)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -60,6 +61,9 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio
     warmup_steps: int = 20
+    # cosine: linear warmup, then cosine to lr·min_lr_ratio. fms: the schedule of the DyT paper's LLaMA code
+    # (IBM's fms-fsdp): min(parabolic warmup over warmup_steps, cosine over the whole run to lr·min_lr_ratio)
+    schedule: str = "cosine"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -74,6 +78,7 @@ class TrainConfig:
     threads: int = 0  # 0 = torch's default
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
     bf16: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
+    probe_every: int = 0  # > 0: every N steps, each norm's input RMS (and DyT saturation) -> probes.jsonl
 
 
 @dataclass
@@ -304,6 +309,8 @@ def validate(cfg: Config) -> None:
     need(m.norm in NORMS, f"model.norm must be one of {', '.join(NORMS)}, got {m.norm!r}")
     need(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {m.ffn_hidden}")
     need(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+    need(m.final_norm in ("", "layernorm", "rmsnorm", "dyt"),
+         f"model.final_norm must be empty, layernorm, rmsnorm or dyt, got {m.final_norm!r}")
     need(m.dyt_alpha_attn >= 0 and m.dyt_alpha_other >= 0, "model.dyt_alpha_* must be >= 0 (0 = from the table)")
     need(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     need(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
@@ -318,6 +325,8 @@ def validate(cfg: Config) -> None:
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    need(t.schedule in ("cosine", "fms"), f"train.schedule must be cosine or fms, got {t.schedule!r}")
+    need(t.probe_every >= 0, f"train.probe_every must be >= 0, got {t.probe_every}")
     _validate_diffusion(cfg)
     _validate_distributed(cfg)
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),

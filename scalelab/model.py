@@ -66,10 +66,12 @@ class DyT(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, where: str) -> nn.Module:
-    """A norm layer; `where` is "attn" or "other" (FFN and final), which only DyT's α0 depends on."""
-    if cfg.norm == "rmsnorm":
+    """A norm layer; `where` is "attn", "other" (FFN) or "final" (before the head: `final_norm` may override
+    the kind), and DyT's α0 depends on it (attention vs the others)."""
+    kind = (cfg.final_norm or cfg.norm) if where == "final" else cfg.norm
+    if kind == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    if cfg.norm == "layernorm":
+    if kind == "layernorm":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
     a_attn, a_other = dyt_alpha_init(cfg.d_model)
     a_attn = cfg.dyt_alpha_attn or a_attn
@@ -212,7 +214,7 @@ class Transformer(nn.Module):
         self.embed_scale = (nn.Parameter(torch.tensor([math.sqrt(cfg.d_model)]))
                             if cfg.norm == "dyt" and cfg.dyt_embed_scale else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = make_norm(cfg, "other")
+        self.norm = make_norm(cfg, "final")
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -265,6 +267,33 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6·N for the matmuls (embedding lookup excluded, output head included)
         plus 6·n_layer·seq_len·d for causal attention scores and values (only the unmasked half counted)."""
         return 6 * self.num_params(embeddings=False) + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
+
+
+@torch.no_grad()
+def norm_probe(model: Transformer, x: torch.Tensor) -> dict:
+    """What every norm layer sees on one batch x: (B, T) ids. For each layer (blocks in order, then the final
+    norm): the RMS of its input and, for DyT, the share of inputs where |α·x| > 2 (tanh within 4% of ±1, passing
+    back < 7% of the gradient). Without a normalisation nothing bounds the residual stream; once it is large,
+    DyT acts as a sign function. Returns {"layers": [{name, rms, saturated}], "final_rms", "final_saturated",
+    "max_rms", "saturated"} (the last two over all layers; saturated None for LayerNorm/RMSNorm)."""
+    rows: list[dict] = []
+    norms = (nn.RMSNorm, nn.LayerNorm, DyT)
+    hooks = [mod.register_forward_hook(lambda mod, inp, _o, name=name: rows.append(
+        {"name": "final" if name == "norm" else name, "rms": float(inp[0].float().pow(2).mean().sqrt()),
+         "saturated": float((mod.alpha * inp[0]).abs().gt(2).float().mean()) if isinstance(mod, DyT) else None}))
+        for name, mod in model.named_modules() if isinstance(mod, norms)]
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    final = rows[-1]
+    sat = [r["saturated"] for r in rows if r["saturated"] is not None]
+    return {"layers": rows, "final_rms": final["rms"], "final_saturated": final["saturated"],
+            "max_rms": max(r["rms"] for r in rows), "saturated": sum(sat) / len(sat) if sat else None}
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -24,18 +24,26 @@ from scalelab import checkpoint, config as configmod, data as datamod, diffusion
 from scalelab.report import write_text
 from scalelab.config import Config
 from scalelab.errors import ConfigError, ScalelabError
-from scalelab.model import Transformer, loss_fn
+from scalelab.model import Transformer, loss_fn, norm_probe
 
 log = logging.getLogger("scalelab")
 
 
 def lr_at(step: int, cfg: configmod.TrainConfig) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to lr·min_lr_ratio at max_steps."""
+    """cosine: linear warmup to lr over warmup_steps, then cosine decay to lr·min_lr_ratio at max_steps.
+    fms (the DyT paper's LLaMA code, IBM fms-fsdp): min(1 − (1 − s/W)² (a parabolic warmup over W steps),
+    r + (1 − r)·½(1 + cos(π·s/N)) (a cosine over the whole run N)) times lr, with s = min(step, ·)."""
+    r = cfg.min_lr_ratio
+    if cfg.schedule == "fms":
+        w = max(1, cfg.warmup_steps)
+        warm = 1 - (1 - min(step, w) / w) ** 2
+        cos = r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.max_steps) / cfg.max_steps))
+        return cfg.lr * min(warm, cos)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: configmod.TrainConfig) -> torch.optim.AdamW:
@@ -189,6 +197,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
         tokens_seen = start * t.batch_size * t.grad_accum * cfg.model.context
     if strat.is_writer:  # [distributed] rank 0 writes the run directory
         _truncate_metrics(run_dir / "metrics.jsonl", start)
+        _truncate_metrics(run_dir / "probes.jsonl", start)
         write_text(cfg_path, configmod.to_toml(cfg))
         # The run directory is self-contained: sampling and reports need no data cache.
         write_text(run_dir / "tokenizer.json", prepared.tokenizer_path.read_text())
@@ -255,6 +264,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
                 bar.update(task, loss=f"{window_loss / window_steps:.3f}",
                            tps=f"{tokens_per_step * window_steps / window_time:,.0f}")
                 window_loss, window_steps, window_time = 0.0, 0, 0.0
+            if t.probe_every and done % t.probe_every == 0 and strat.is_writer:  # norm inputs (DyT saturation)
+                with open(run_dir / "probes.jsonl", "a") as f:
+                    f.write(json.dumps({"step": done, **norm_probe(strat.eval_model(model), val[0][0].to(device))}) + "\n")
             if (done % t.eval_every == 0 or done == t.max_steps) and strat.is_writer:
                 emodel = strat.eval_model(model)  # [distributed] DiLoCo: the global model
                 last_val = bd3.evaluate(emodel, val) if bd3 is not None else evaluate(emodel, val)

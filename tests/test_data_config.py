@@ -173,8 +173,10 @@ def test_config_toml_round_trip(tmp_path):
 def test_recipes_are_valid():
     from conftest import ROOT
 
-    for r in sorted((ROOT / "recipes").glob("*.toml")):
-        config.load(r)
+    recipes = sorted((ROOT / "scalelab" / "recipes").glob("*.toml"))
+    assert recipes and config.recipe_names() == [r.stem for r in recipes]
+    for r in recipes:
+        assert config.load(r).name == config.load(r.stem).name == r.stem  # by path and by name
 
 
 def test_lr_schedule():
@@ -202,3 +204,18 @@ def test_hf_corpus_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(DataError, match="needs the 'datasets' package"):
         data.read_corpus("hf:wikitext")
+
+
+def test_fms_schedule_of_the_dyt_code():
+    """The DyT LLaMA code's schedule (fms-fsdp): min(1 − (1 − s/W)², 0.1 + 0.45·(1 + cos(π·s/N))), by hand."""
+    from scalelab.config import TrainConfig
+    from scalelab.train import lr_at
+
+    t = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1, schedule="fms")
+    assert lr_at(0, t) == 0.0
+    assert lr_at(5, t) == pytest.approx(1 - 0.5 ** 2)  # parabolic warmup: 0.75 at half-way
+    assert lr_at(10, t) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.1)))  # the cosine is the lower
+    assert lr_at(50, t) == pytest.approx(0.55)
+    assert lr_at(100, t) == pytest.approx(0.1) and lr_at(200, t) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="train.schedule"):
+        config.load(None, ["train.schedule=linear"])

@@ -210,3 +210,33 @@ def test_flops_per_token_counts_matmuls():
     per_layer = 4 * 64 * 64 + 3 * 64 * 128  # q,k,v,o + gate,up,down
     head = 64 * 97
     assert m.flops_per_token(32) == 6 * (per_layer + head + 3 * 64) + 6 * 1 * 32 * 64  # + norm weights
+
+
+def test_norm_probe_against_a_manual_forward():
+    """Oracle: the residual stream computed block by block by hand, then its RMS and DyT's saturated share."""
+    from scalelab.model import norm_probe
+
+    torch.manual_seed(3)
+    m = Transformer(cfg(norm="dyt")).eval()
+    x = torch.randint(0, 97, (2, 12))
+    p = norm_probe(m, x)
+    assert [r["name"] for r in p["layers"]] == ["blocks.0.attn_norm", "blocks.0.mlp_norm", "blocks.1.attn_norm",
+                                                "blocks.1.mlp_norm", "final"]
+    with torch.no_grad():
+        h = m.tok_emb(x) * m.embed_scale
+        cos, sin = rope_tables(torch.arange(12), 64 // 4, m.cfg.rope_theta)
+        for b in m.blocks:
+            h = b(h, cos, sin, None, None, 0)
+    assert abs(p["final_rms"] - float(h.pow(2).mean().sqrt())) < 1e-5
+    assert abs(p["final_saturated"] - float((m.norm.alpha * h).abs().gt(2).float().mean())) < 1e-9
+    with torch.no_grad():
+        m.norm.alpha.fill_(1e6)  # every nonzero input saturates
+    assert norm_probe(m, x)["final_saturated"] == 1.0
+    r = norm_probe(Transformer(cfg(norm="rmsnorm", final_norm="dyt")).eval(), x)
+    assert r["layers"][0]["saturated"] is None and r["final_saturated"] is not None  # the final norm is DyT
+
+
+def test_final_norm_override():
+    m = Transformer(cfg(norm="dyt", final_norm="rmsnorm"))
+    assert isinstance(m.norm, torch.nn.RMSNorm) and isinstance(m.blocks[0].attn_norm, DyT)
+    assert m.embed_scale is not None  # DyT everywhere else keeps its embedding scale

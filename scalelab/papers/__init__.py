@@ -13,7 +13,8 @@ import importlib
 from pathlib import Path
 
 from scalelab.errors import ScalelabError
-from scalelab.papers.section import Options, Section
+from scalelab.papers.section import CardProgress, Options, Section
+from scalelab.papers.verdict import write_verdicts
 from scalelab.report import make_dir, write_text
 
 PAPERS = {
@@ -27,31 +28,49 @@ PAPERS = {
 __all__ = ["PAPERS", "Options", "Section", "reproduce"]
 
 
-def reproduce(papers: list[str], out: Path, quick: bool = False, opts: Options | None = None) -> Path:
-    """Run the named sections and write `out/report.md`; return its path."""
+def reproduce(papers: list[str], out: Path, quick: bool = False, opts: Options | None = None,
+              progress: bool = True) -> Path:
+    """Run the named sections and write `out/report.md` and `out/verdicts.json`; return the report's path."""
     unknown = [p for p in papers if p not in PAPERS]
     if unknown:
         raise ScalelabError(f"unknown paper {unknown[0]!r} (choose from {', '.join(PAPERS)})")
-    out = Path(out)
-    make_dir(out)
+    out = make_dir(Path(out))
+    opts = opts or Options()
     sections = []
-    for p in papers:
-        sub = out / (f"{p}-quick" if quick and p != "horizon" else p)
-        sub.mkdir(parents=True, exist_ok=True)
-        s = importlib.import_module(PAPERS[p]).run(sub, quick, opts or Options())
-        s.body = s.body.replace("](horizon/", f"]({sub.name}/")
-        s.images = [f"{sub.name}/{img}" for img in s.images]
-        sections.append(s)
+    with CardProgress(enabled=progress) as bar:
+        opts.progress = bar
+        for p in papers:
+            sub = make_dir(out / (f"{p}-quick" if quick and p != "horizon" else p))
+            bar.section(p, 1)
+            s = importlib.import_module(PAPERS[p]).run(sub, quick, opts)
+            s.body = s.body.replace("](horizon/", f"]({sub.name}/")
+            s.images = [f"{sub.name}/{img}" for img in s.images]
+            sections.append(s)
+    write_verdicts(out / "verdicts.json", [v for s in sections for v in s.verdicts()])
+    return write_card(out / "report.md", sections, papers, quick)
+
+
+def _regime(d: dict) -> str:
+    return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in d.items()) or "—"
+
+
+def write_card(path: Path, sections: list[Section], papers: list[str], quick: bool) -> Path:
     lines = ["# scalelab report card", "",
              f"{'Quick' if quick else 'Full'} reproductions (`scalelab reproduce {' '.join(papers)}"
-             f"{' --quick' if quick else ''}`). Each section states the paper's claim, what this run measured, "
-             "and whether the claim holds at this scale.", "",
-             "| paper | claim | measured | verdict |", "|---|---|---|---|"]
-    lines += [f"| {s.key} | {s.claim} | {s.measured} | **{s.verdict}** |" for s in sections]
+             f"{' --quick' if quick else ''}`). Each section states the paper's claim, the threshold it is judged "
+             "by (fixed before measuring), the regime it tests beside the paper's, what this run measured, and a "
+             "verdict: holds, does not hold, inconclusive (the interval straddles the threshold), or did not "
+             "train (an arm never left the unigram baseline: no gap is computed from it). Machine-readable: "
+             "[verdicts.json](verdicts.json).", "",
+             "| paper | claim | threshold | measured | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {s.key} | {s.claim} | {s.threshold} | {s.measured} | **{s.verdict}** |" for s in sections]
     for s in sections:
-        lines += ["", f"## {s.title}", "", f"**Claim.** {s.claim}.", "", f"**Measured.** {s.measured}. "
-                  f"Verdict: **{s.verdict}**.", "", s.body.strip(), ""]
+        lines += ["", f"## {s.title}", "", f"**Claim.** {s.claim}.", "",
+                  f"**Regime.** Here: {_regime(s.regime)}. The paper: {_regime(s.paper_regime)}.", "",
+                  f"**Measured.** {s.measured}. Verdict: **{s.verdict}** (threshold: {s.threshold}).", ""]
+        if s.note:
+            lines += [f"*{s.note}*", ""]
+        lines += [s.body.strip(), ""]
         lines += [f"![{s.key}]({img})" for img in s.images]
-    path = out / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path

@@ -1,10 +1,29 @@
-"""What every report-card section returns, and the options a reproduction takes."""
+"""What every report-card section returns, the options a reproduction takes, and the runner its training
+runs go through.
+
+A section states its claim, the threshold it judges by (fixed in the code, before anything is measured), the
+regime it tests beside the paper's, and a verdict from the one protocol of `verdict.py`. Its training runs are
+ordinary run directories trained by `train_runs`: finished runs are reused, interrupted ones resume, and
+single-process runs go two at a time on a 2-core machine (one thread each), with one progress display for
+the whole card.
+"""
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from scalelab import config as configmod
+from scalelab.errors import ScalelabError
+from scalelab.papers.verdict import Verdict
+from scalelab.report import make_dir, write_text
+from scalelab.scaling import finished
 
 
 @dataclass
@@ -13,9 +32,54 @@ class Section:
     title: str
     claim: str
     measured: str
-    verdict: str  # "holds", "does not hold", "not run"
+    verdict: str  # one of verdict.VERDICTS
     body: str
     images: list[str] = field(default_factory=list)
+    threshold: float | str = ""
+    regime: dict = field(default_factory=dict)  # what this run tests: params, tokens, steps, ...
+    paper_regime: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # the numbers the verdict used
+    note: str = ""
+    parts: list[Verdict] = field(default_factory=list)  # per-claim verdicts, when a section checks several
+
+    def verdicts(self) -> list[Verdict]:
+        """The section's verdict, then one per sub-claim (for verdicts.json)."""
+        head = Verdict(self.key, self.claim, self.verdict, self.threshold, self.regime, self.figures,
+                       self.paper_regime, self.note)
+        return [head, *self.parts]
+
+
+class CardProgress:
+    """One progress display for the whole card: the section, the run, and an ETA from runs done so far."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.fields[section]}"), TextColumn("{task.description}"),
+                            BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True), disable=not enabled)
+        self.task = None
+
+    def __enter__(self) -> CardProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def section(self, name: str, runs: int) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task("", total=max(1, runs), section=name)
+
+    def run(self, name: str) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, description=name)
+
+    def done(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
 
 
 @dataclass
@@ -24,6 +88,8 @@ class Options:
 
     shared: Path | None = None  # the lab's shared data (holds data/metr); None = look for ../shared
     sss_model: Path | None = None  # a Sudoku model trained by `scalelab search train-sudoku`, reused by `sss`
+    parallel: int = 2  # single-process training runs at once
+    progress: CardProgress | None = None
 
     def shared_dir(self) -> Path | None:
         """--shared, else ../shared beside the working directory or beside the checkout holding this package."""
@@ -31,6 +97,91 @@ class Options:
         cands = [self.shared] if self.shared is not None else [Path.cwd().parent / "shared", here.parent / "shared"]
         return next((Path(c) for c in cands if (Path(c) / "data").is_dir()), None)
 
+    def tick(self, section: str | None = None, runs: int = 0, run: str | None = None, done: int = 0) -> None:
+        if self.progress is None:
+            return
+        if section is not None:
+            self.progress.section(section, runs)
+        if run is not None:
+            self.progress.run(run)
+        if done:
+            self.progress.done(done)
+
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+def train_runs(jobs: list[tuple[configmod.Config, Path]], opts: Options | None = None) -> list[dict]:
+    """Train every (config, run directory) pair; return each run's final train + eval line.
+
+    Each run is `scalelab train --resume` in its own process with one thread (its resolved recipe is written
+    to `<run>.toml` beside it), `opts.parallel` at a time: on a 2-core CPU two one-thread runs of a small model
+    finish sooner than the same two runs one after the other with two threads each. A finished run is reused."""
+    opts = opts or Options()
+    results: dict[int, dict] = {}
+    pending: list[int] = []
+    for i, (cfg, run) in enumerate(jobs):
+        if (done := finished(run, cfg.train.max_steps)) is not None:
+            results[i] = done
+            opts.tick(done=1)
+        else:
+            pending.append(i)
+    running: dict[int, tuple[subprocess.Popen, Any]] = {}
+    budget = max(1, opts.parallel)  # processes at once; a DiLoCo run of M replicas takes M
+    try:
+        while pending or running:
+            while pending:
+                cfg, run = jobs[pending[0]]
+                used = sum(_procs(jobs[j][0]) for j in running)
+                if running and used + _procs(cfg) > budget:
+                    break
+                i = pending.pop(0)
+                running[i] = _launch(cfg, Path(run))
+                opts.tick(run=cfg.name)
+            for i, (proc, logf) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                logf.close()
+                del running[i]
+                cfg, run = jobs[i]
+                done = finished(run, cfg.train.max_steps)
+                if proc.returncode or done is None:
+                    lines = (Path(run) / "train.log").read_text(errors="replace").splitlines()
+                    err = [x for x in lines if x.startswith("error:")]
+                    raise ScalelabError(err[-1][7:] if err else f"training run {run} failed (see {run}/train.log)")
+                results[i] = done
+                opts.tick(done=1)
+            time.sleep(0.2)
+    finally:
+        for proc, logf in running.values():  # an error or an interrupt stops the other runs too
+            proc.terminate()
+            proc.wait(timeout=30)
+            logf.close()
+    return [results[i] for i in range(len(jobs))]
+
+
+def _procs(cfg: configmod.Config) -> int:
+    """Processes a run takes: DiLoCo one per replica (M); DDP one (its math does not depend on the process
+    count: the global batch is fixed); single one."""
+    d = cfg.distributed
+    return max(1, d.replicas) if d.strategy == "diloco" else 1
+
+
+def _launch(cfg: configmod.Config, run: Path) -> tuple[subprocess.Popen, Any]:
+    from scalelab.scaling import free_port
+
+    cfg.train.threads = 1
+    make_dir(run)
+    recipe = run.with_name(run.name + ".toml")
+    write_text(recipe, configmod.to_toml(cfg))
+    logf = open(run / "train.log", "a")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "scalelab.cli"]
+    if cfg.distributed.strategy != "single":  # torchrun on this machine, rendezvous on 127.0.0.1
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(_procs(cfg)),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "scalelab.cli"]
+    proc = subprocess.Popen([*cmd, "train", "--recipe", str(recipe), "--out", str(run), "--resume", "--quiet"],
+                            stdout=logf, stderr=subprocess.STDOUT, env=env)
+    return proc, logf
