@@ -403,6 +403,29 @@ def horizon(
     console.print(f"wrote {out}/: {', '.join(q.name for q in paths)}", soft_wrap=True)
 
 
+# ============================================================================================= mcp
+@app.command("mcp")
+def mcp_command(
+    http: Annotated[bool, typer.Option(help="serve streamable HTTP at /mcp instead of stdio")] = False,
+    host: Annotated[Optional[str], typer.Option(help="with --http: the address to bind (default 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="with --http: the port (default 8765)")] = None,
+    allow_remote: Annotated[bool, typer.Option(help="allow a non-loopback --host (the server is unauthenticated)")] = False,
+    runs: Annotated[Path, typer.Option(help="the runs root: every run the server reads or starts is in it")] = Path("runs"),
+    allow_path: Annotated[Optional[list[Path]], typer.Option(help="a directory whose files tools may use (repeatable)")] = None,
+    allow_remote_backends: Annotated[bool, typer.Option(
+        help="let sample and search reach non-loopback OpenAI-compatible servers, and training hf: corpora")] = False,
+    max_jobs: Annotated[int, typer.Option(help="background jobs that may run at once")] = 1,
+    max_steps: Annotated[int, typer.Option(help="cap on a job's train.max_steps (and a sweep's --steps)")] = 100_000,
+) -> None:
+    """Serve the lab to MCP clients (agents): stdio by default, --http for streamable HTTP on 127.0.0.1.
+    Unauthenticated: see docs/mcp.md."""
+    from scalelab import mcp_server
+
+    opts = mcp_server.Options(runs_root=runs, allow_paths=allow_path or [], allow_remote_backends=allow_remote_backends,
+                              max_jobs=max_jobs, max_steps=max_steps)
+    mcp_server.main(opts, http=http, host=host, port=port, allow_remote=allow_remote)
+
+
 # ============================================================================================= entry
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)

@@ -15,7 +15,7 @@ LAYERS = {
     "inference": ["engine", "gguf", "quant", "backends", "serve"],
     "systems": ["search", "horizon", "horizon_report", "scaling", "wallclock"],
     "papers": ["papers"],
-    "entry": ["cli", "mcp_server", "__main__"],
+    "entry": ["cli", "mcp_server", "jobs", "__main__"],
 }
 RANK = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
 

