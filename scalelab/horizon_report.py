@@ -8,6 +8,7 @@ a half-written report over a good one.
 from __future__ import annotations
 
 import csv
+import io
 import datetime as dt
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from scalelab.errors import ScalelabError
+from scalelab.report import savefig, write_text
 from scalelab.horizon import HorizonResult, ModelFit, Trend, fmt_minutes, p_label, save_replicates
 
 
@@ -69,17 +71,18 @@ def _write_csv(result: HorizonResult, path: Path) -> None:
     cols = ["agent", "release_date", "status", "n_runs", "n_tasks", "coefficient", "intercept", "bce_loss", "average"]
     for p in result.ps:
         cols += [p_label(p), p_label(p) + lo_name, p_label(p) + hi_name]
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(cols + buckets)
-        for fit in _ordered(result):
-            d = result.dates.get(fit.model)
-            row = [fit.model, d.isoformat() if d else "", fit.status, fit.n_runs or "", fit.n_tasks or "",
-                   _num(fit.slope), _num(fit.intercept), _num(fit.bce_loss), _num(fit.average)]
-            for p in result.ps:
-                lo, hi = fit.ci.get(p, (math.nan, math.nan))
-                row += [_num(fit.horizon(p)), _num(lo), _num(hi)]
-            wr.writerow(row + [_num(fit.buckets.get(b, math.nan)) for b in buckets])
+    f = io.StringIO(newline="")
+    wr = csv.writer(f)
+    wr.writerow(cols + buckets)
+    for fit in _ordered(result):
+        d = result.dates.get(fit.model)
+        row = [fit.model, d.isoformat() if d else "", fit.status, fit.n_runs or "", fit.n_tasks or "",
+               _num(fit.slope), _num(fit.intercept), _num(fit.bce_loss), _num(fit.average)]
+        for p in result.ps:
+            lo, hi = fit.ci.get(p, (math.nan, math.nan))
+            row += [_num(fit.horizon(p)), _num(lo), _num(hi)]
+        wr.writerow(row + [_num(fit.buckets.get(b, math.nan)) for b in buckets])
+    write_text(path, f.getvalue())
 
 
 def _ci_text(fit: ModelFit, p: float) -> str:
@@ -163,7 +166,7 @@ def _write_md(result: HorizonResult, path: Path) -> None:
     lines += ["- `success_vs_length.png`: weighted success rate by task length with each fitted curve."]
     if result.trends:
         lines.append("- `headline.png`: p50 against release date, log scale, with the trend and its band.")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _figure(w: float, h: float):
@@ -216,7 +219,7 @@ def _plot_curves(result: HorizonResult, path: Path) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("success", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    savefig(fig, path)
 
 
 def _plot_headline(result: HorizonResult, path: Path) -> None:
@@ -259,5 +262,5 @@ def _plot_headline(result: HorizonResult, path: Path) -> None:
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    savefig(fig, path)
 

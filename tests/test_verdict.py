@@ -259,3 +259,22 @@ def test_read_verdicts_reports_bad_files(tmp_path):
     (tmp_path / "verdicts.json").write_text("[{")
     with pytest.raises(ScalelabError, match="not valid JSON"):
         read_verdicts(tmp_path)
+
+
+def test_reproduce_writes_a_valid_verdicts_json(tmp_path):
+    """The card end to end on the one section that needs no training (METR's own fits): verdicts.json validates
+    and the card states the threshold and both regimes."""
+    import json
+
+    from scalelab import papers
+    from tests.conftest import SHARED
+
+    if not (SHARED / "data" / "metr").is_dir():
+        pytest.skip("needs ../shared/data/metr")
+    path = papers.reproduce(["horizon"], tmp_path / "card", opts=papers.Options(shared=SHARED), progress=False)
+    obj = json.loads((tmp_path / "card" / "verdicts.json").read_text())
+    validate_verdicts(obj)
+    assert [v["section"] for v in obj] == ["horizon"] and obj[0]["verdict"] == "holds"
+    assert abs(obj[0]["figures"]["doubling_days"] - 212) <= 2
+    text = path.read_text()
+    assert "|doubling time − 212 days| ≤ 2" in text and "**Regime.** Here:" in text

@@ -7,7 +7,7 @@ DiLoCo reaches DDP's loss several times sooner over a slow link (≥ 5× at 1 Gb
 
 Best against best, as the paper tunes: DDP's learning rate from a sweep; for each M, the outer learning rate
 from {0.4, 0.6, 0.8, 1.0} at the inner learning rate of the paper's fits (`scaling.diloco_hparams`, relative
-to DDP's tuned lr), then the inner lr at ½× and 2× that centre at the best outer lr. The best configuration of
+to DDP's tuned lr), then (full mode) the inner lr at ½× and 2× that centre at the best outer lr. The best configuration of
 each arm runs on more seeds; gaps get CIs from the seed spread (paired by seed). Runs are long enough for the
 outer Nesterov momentum (a memory of ~10 outer steps) to matter little: ≥ 100 outer steps quick, ≥ 300 full.
 
@@ -69,7 +69,8 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     opts = opts or Options()
     z = sizes(quick)
     seeds = z["seeds"]
-    opts.tick(section="diloco", runs=len(DDP_LRS) + len(MS) * (len(OUTER_LRS) + len(INNER_FACTORS))
+    factors = () if quick else INNER_FACTORS  # quick: the inner lr of the paper's fits only
+    opts.tick(section="diloco", runs=len(DDP_LRS) + len(MS) * (len(OUTER_LRS) + len(factors))
               + (1 + len(MS)) * (len(seeds) - 1))
 
     def loss(cfgs: list[configmod.Config]) -> list[float]:
@@ -88,7 +89,7 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
         for o, v in zip(OUTER_LRS, loss([diloco_config("diloco", M, 0, quick, centre, o) for o in OUTER_LRS])):
             sweep[(M, centre, o)] = v
         o_best = min(OUTER_LRS, key=lambda o: sweep[(M, centre, o)])
-        lrs = [centre * f for f in INNER_FACTORS]
+        lrs = [centre * f for f in factors]
         for lr, v in zip(lrs, loss([diloco_config("diloco", M, 0, quick, lr, o_best) for lr in lrs])):
             sweep[(M, lr, o_best)] = v
         best[M] = min(((lr, o) for (m, lr, o) in sweep if m == M), key=lambda k: sweep[(M, *k)])
@@ -133,7 +134,7 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
                f"speed-up ≥ {SPEEDUP_TARGET:g}× at 1 Gbit/s",
                {"speedup_here_1gbit": speed, "speedup_projected_1gbit": speed_paper})]
     for claim, v, thr, figs in claims:
-        parts.append(V.Verdict("diloco", claim, v, thr, regime, figs, PAPER_REGIME))
+        parts.append(V.Verdict("diloco", claim, v, thr, regime=regime, figures=figs, paper_regime=PAPER_REGIME))
     verdicts = [c[1] for c in claims]
     verdict = (V.DID_NOT_TRAIN if V.DID_NOT_TRAIN in verdicts else V.DOES_NOT_HOLD if V.DOES_NOT_HOLD in verdicts
                else V.HOLDS if all(v == V.HOLDS for v in verdicts) else V.INCONCLUSIVE)

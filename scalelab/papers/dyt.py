@@ -31,6 +31,9 @@ from scalelab.report import figure, read_metrics, savefig
 log = logging.getLogger("scalelab")
 NORMS = ("layernorm", "rmsnorm", "dyt")
 LRS = (3e-4, 1e-3, 3e-3)
+# Quick mode drops lr 3e-4: measured at this budget (150 steps, seed 0) it was the worst lr for every norm
+# (LayerNorm 6.378 / RMSNorm 6.377 / DyT 6.604, against 5.219 / 5.166 / 6.519 at 3e-3).
+QUICK_LRS = (1e-3, 3e-3)
 ALPHAS = (0.05, 0.2, 0.5, 1.0)
 DEFAULT_ALPHA = 1.0  # Table 12's entry for width 1024, held below it (the tiny recipe is 128 wide)
 THRESHOLD = 0.02  # nats/token: the paper's LLaMA gaps are 0.00-0.01
@@ -48,9 +51,9 @@ def dyt_config(norm: str, seed: int, quick: bool, lr: float = 3e-3, alpha: float
     if alpha is not None:
         m.dyt_alpha_attn = m.dyt_alpha_other = alpha
     t.seed, t.lr, t.schedule = seed, lr, schedule
-    t.max_steps = 150 if quick else 1000
-    t.warmup_steps = 15 if quick else 50
-    t.eval_every = t.ckpt_every = 50 if quick else 250
+    t.max_steps = 100 if quick else 600
+    t.warmup_steps = 10 if quick else 50
+    t.eval_every = t.ckpt_every = 50 if quick else 200
     t.eval_batches, t.probe_every = 16, 10
     configmod.validate(cfg)
     return cfg
@@ -86,8 +89,9 @@ def probe_at(run: Path, step: int) -> dict | None:
 def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     opts = opts or Options()
     seeds = (0, 1) if quick else (0, 1, 2)
-    n_runs = len(NORMS) * len(LRS) + len(ALPHAS) - 1 + len(NORMS) * (len(seeds) - 1) + 2 * len(seeds)
-    opts.tick(section="dyt", runs=n_runs)
+    lrs = QUICK_LRS if quick else LRS
+    change_seeds = seeds[:1] if quick else seeds  # the changes beyond the paper: seed 0 only in quick mode
+    opts.tick(section="dyt", runs=len(NORMS) * (len(lrs) + len(seeds)) + len(ALPHAS) - 1 + 2 * len(change_seeds))
 
     def train(arms: list[tuple]) -> list[float]:
         cfgs = [dyt_config(norm, seed, quick, lr, alpha, sched, final) for norm, lr, alpha, sched, final, seed in arms]
@@ -95,8 +99,8 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
 
     # 1. lr per norm, seed 0; 2. α0 for DyT at its best lr
     sweep = {(n, lr, None): loss for (n, lr), loss in zip(
-        [(n, lr) for n in NORMS for lr in LRS], train([(n, lr, None, "cosine", "", 0) for n in NORMS for lr in LRS]))}
-    best_lr = {n: min(LRS, key=lambda lr: sweep[(n, lr, None)]) for n in NORMS}
+        [(n, lr) for n in NORMS for lr in lrs], train([(n, lr, None, "cosine", "", 0) for n in NORMS for lr in lrs]))}
+    best_lr = {n: min(lrs, key=lambda lr: sweep[(n, lr, None)]) for n in NORMS}
     alphas = [a for a in ALPHAS if a != DEFAULT_ALPHA]
     for a, loss in zip(alphas, train([("dyt", best_lr["dyt"], a, "cosine", "", 0) for a in alphas])):
         sweep[("dyt", best_lr["dyt"], a)] = loss
@@ -107,7 +111,7 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     # beyond the paper: the smallest changes that might let DyT train here (same seeds, same baselines)
     changes = {"the official code's schedule (parabolic warmup, cosine over the run)": (*dyt_key, "fms", ""),
                "RMSNorm before the output head, DyT everywhere else": (*dyt_key, "cosine", "rmsnorm")}
-    change_loss = {what: train([(*arm, s) for s in seeds]) for what, arm in changes.items()}
+    change_loss = {what: train([(*arm, s) for s in change_seeds]) for what, arm in changes.items()}
 
     cfg0 = dyt_config("dyt", 0, quick)
     unigram = unigram_baseline(cfg0)
@@ -165,15 +169,20 @@ def _params(cfg: configmod.Config) -> int:
     return param_count(cfg)
 
 
-def _collapse(run: Path, ref: Path) -> str:
-    """The first probe step where DyT's final-norm input RMS exceeds 10× the reference run's."""
+def _trajectory(run: Path, ref: Path) -> tuple[str, str]:
+    """(where the collapse starts, a table of the probes over training) for DyT's run against RMSNorm's:
+    the first probed step at which over half of the final DyT's inputs are saturated."""
     rows = {r["step"]: r for r in map(json.loads, (run / "probes.jsonl").read_text().splitlines())}
     refs = {r["step"]: r for r in map(json.loads, (ref / "probes.jsonl").read_text().splitlines())}
-    for step in sorted(rows):
-        if step in refs and rows[step]["final_rms"] > 10 * refs[step]["final_rms"]:
-            return (f"from step {step} on, the residual stream entering DyT's final norm is over 10× RMSNorm's "
-                    f"({rows[step]['final_rms']:.2f} vs {refs[step]['final_rms']:.2f})")
-    return "at no probed step is the residual stream entering DyT's final norm over 10× RMSNorm's"
+    start = next((s for s in sorted(rows) if (rows[s]["final_saturated"] or 0) > 0.5), None)
+    where = ("over half of the final DyT's inputs are saturated from step "
+             f"{start} on (input RMS {rows[start]['final_rms']:.2f}, RMSNorm's {refs.get(start, {}).get('final_rms', float('nan')):.2f})"
+             if start is not None else "the final DyT's inputs never become mostly saturated")
+    steps = sorted(rows)
+    pick = sorted({steps[0], *[s for s in steps if s in (20, 30, 50, 100, 200, 400)], steps[-1]})
+    table = "\n".join(f"| {s} | {rows[s]['final_rms']:.2f} | {_share(rows[s]['final_saturated'])} | "
+                      f"{_share(rows[s]['saturated'])} | {refs[s]['final_rms']:.2f} |" for s in pick if s in refs)
+    return where, table
 
 
 def _body(out, quick, cfg, seeds, sweep, best_lr, dyt_key, final, mean, sd, unigram, untrained, gaps, probes, runs,
@@ -187,6 +196,7 @@ def _body(out, quick, cfg, seeds, sweep, best_lr, dyt_key, final, mean, sd, unig
                           f"{step_time[n] * 1000:.0f} ms |" for n in NORMS)
     probe_rows = "\n".join(f"| {n} | {p['final_rms']:.2f} | {p['max_rms']:.2f} | {_share(p['saturated'])} |"
                            for n, p in probes.items() if p)
+    where, trajectory = _trajectory(runs["dyt"][0], runs["rmsnorm"][0])
     change_rows = "\n".join(f"| {what} | {' / '.join(f'{v:.4f}' for v in ls)} | {statistics.fmean(ls) - mean['rmsnorm']:+.4f} | "
                             f"{'did not train' if V.did_not_train(ls, unigram) else 'trained'} |"
                             for what, ls in change_loss.items())
@@ -217,14 +227,20 @@ runs sharing the machine (one thread each); `benchmarks/dyt_speed.py` measures s
 
 What the norms see at step {PROBE_STEP} (seed 0, first validation batch; `probes.jsonl` in each run has every 10th step): \
 the RMS of the residual stream entering the final norm, the largest input RMS of any norm, and the share of DyT \
-inputs with |α·x| > 2 (tanh within 4% of ±1, passing back < 7% of the gradient). {_collapse(runs['dyt'][0], runs['rmsnorm'][0])}.
+inputs with |α·x| > 2 (tanh within 4% of ±1, passing back < 7% of the gradient).
 
 | norm | final-norm input RMS | largest norm input RMS | DyT saturated |
 |---|---|---|---|
 {probe_rows}
 
-Beyond the paper, separate from the verdict: small changes to DyT's best configuration, each on the same seeds, \
-against RMSNorm's mean ({mean['rmsnorm']:.4f}):
+Where the collapse starts (DyT's best configuration against RMSNorm's, seed 0): {where}.
+
+| step | DyT final-norm input RMS | final DyT saturated | all DyT layers saturated | RMSNorm final-norm input RMS |
+|---|---|---|---|---|
+{trajectory}
+
+Beyond the paper, separate from the verdict: small changes to DyT's best configuration (seed 0 in quick mode, \
+every seed in full), against RMSNorm's mean ({mean['rmsnorm']:.4f}):
 
 | change | final val loss per seed | vs RMSNorm | |
 |---|---|---|---|

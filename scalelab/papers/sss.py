@@ -83,8 +83,8 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     figures = {"verification": acc[f"Verification@{K}"], "consistency": acc[f"Consistency@{K}"],
                "pass1": acc["Pass@1"], f"pass{K}": acc[f"Pass@{K}"], "malformed": malformed,
                "gap": gap.mean, "gap_ci": [gap.lo, gap.hi], "auroc": m["verifier_auroc"]}
-    section_parts = [V.Verdict("sss", c, V.HOLDS if ok else V.DOES_NOT_HOLD, "as stated", regime, {"evidence": ev},
-                               PAPER_REGIME) for c, ok, ev in rows[1:]]
+    section_parts = [V.Verdict("sss", c, V.HOLDS if ok else V.DOES_NOT_HOLD, "as stated", regime=regime,
+                               figures={"evidence": ev}, paper_regime=PAPER_REGIME) for c, ok, ev in rows[1:]]
     parts.append(f"### A model that verifies itself (4×4 Sudoku, {which})\n\n"
                  f"{sv.d_model}-wide, {sv.n_layer}-layer Transformer, {len(stats) - 1} self-verification rounds, "
                  f"verification format `{sv.lemmas}`, in `{model_dir}` "
