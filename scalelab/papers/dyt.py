@@ -223,7 +223,7 @@ Each norm at its best configuration, every seed:
 - DyT − RMSNorm: {g.mean:+.4f} nats/token (95% CI {g.lo:+.4f} to {g.hi:+.4f}, {g.n} paired seeds); DyT − LayerNorm: \
 {gaps['layernorm'].mean:+.4f} (95% CI {gaps['layernorm'].lo:+.4f} to {gaps['layernorm'].hi:+.4f}). Claim threshold: \
 {THRESHOLD} nats/token; the paper's LLaMA gaps are 0.00-0.01 at 7B-70B on 200B tokens. Step times are measured with two \
-runs sharing the machine (one thread each); `benchmarks/dyt_speed.py` measures speed properly.
+run at a time on this machine; `benchmarks/dyt_speed.py` measures speed properly (interleaved, repeated).
 
 What the norms see at step {PROBE_STEP} (seed 0, first validation batch; `probes.jsonl` in each run has every 10th step): \
 the RMS of the residual stream entering the final norm, the largest input RMS of any norm, and the share of DyT \
@@ -263,13 +263,15 @@ def _plot(out: Path, runs: dict, sweep: dict, unigram: float, best_lr: dict) -> 
     colors = {"layernorm": "tab:blue", "rmsnorm": "tab:green", "dyt": "tab:red"}
     for n in NORMS:
         for i, run in enumerate(runs[n]):
-            _, evals = read_metrics(run)
-            a.plot([e["tokens"] for e in evals], [e["val_loss"] for e in evals], color=colors[n], alpha=0.7,
-                   label=n if i == 0 else None, marker="o", ms=3)
+            train, evals = read_metrics(run)
+            a.plot([r["tokens"] for r in train], [r["loss"] for r in train], color=colors[n], alpha=0.6,
+                   label=n if i == 0 else None)
+            a.plot([e["tokens"] for e in evals], [e["val_loss"] for e in evals], color=colors[n], ls="none",
+                   marker="o", ms=4)
     for ax in (a, b):
         ax.axhline(unigram, color="grey", ls="--", lw=1, label="unigram baseline" if ax is a else None)
     a.set_xlabel("training tokens")
-    a.set_ylabel("val loss (nats/token)")
+    a.set_ylabel("loss (nats/token): train lines, val dots")
     a.set_title("best configuration per norm, every seed")
     a.grid(alpha=0.3)
     a.legend()

@@ -149,8 +149,10 @@ class SVConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> SVConfig:
-        return cls(d_model=128, n_layer=2, n_head=4, n_kv_head=2, batch_size=16, solve_steps=60, rounds=1,
-                   round_steps=30, sample_puzzles=24, k_sample=4, seed=seed)
+        """Sized to train in ≤ 8 minutes on 2 cores and still show the mechanism (well-formed answers, a
+        verifier better than chance): 1.4M parameters (0.24 s/step against the full model's 0.52), 1,000 steps."""
+        return cls(d_model=192, n_layer=3, n_head=6, n_kv_head=3, solve_steps=700, rounds=2, round_steps=150,
+                   sample_puzzles=150, seed=seed)
 
 
 def trainer_config(sv: SVConfig, corpus: Path, cache: Path, max_steps: int, name: str) -> configmod.Config:
