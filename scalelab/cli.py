@@ -339,6 +339,8 @@ def reproduce(
                                                         "(default: ../shared when present)")] = None,
     sss_model: Annotated[Optional[Path], typer.Option(help="reuse a Sudoku model trained by `scalelab search "
                                                            "train-sudoku` in the sss section")] = None,
+    parallel: Annotated[int, typer.Option(help="training processes at once (1 is fastest for the tiny recipe "
+                                               "on 2 cores; more on a bigger machine)")] = 1,
 ) -> None:
     """Run each paper's small experiment, compare with its claim, and write one report card."""
     from scalelab import papers as papersmod
@@ -346,7 +348,9 @@ def reproduce(
     logmod.setup()
     if shared is not None and not (shared / "data").is_dir():
         raise ScalelabError(f"--shared {shared} has no data/ folder")
-    opts = papersmod.Options(shared=shared, sss_model=sss_model)
+    if parallel < 1:
+        raise ScalelabError("--parallel must be >= 1")
+    opts = papersmod.Options(shared=shared, sss_model=sss_model, parallel=parallel)
     path = papersmod.reproduce(papers or list(papersmod.PAPERS), out, quick=quick, opts=opts)
     typer.echo(f"report card: {path}")
 

@@ -149,10 +149,10 @@ class SVConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> SVConfig:
-        """Sized to train in ≤ 8 minutes on 2 cores and still show the mechanism (well-formed answers, a
-        verifier better than chance): 1.4M parameters (0.24 s/step against the full model's 0.52), 1,000 steps."""
-        return cls(d_model=192, n_layer=3, n_head=6, n_kv_head=3, solve_steps=700, rounds=2, round_steps=150,
-                   sample_puzzles=150, seed=seed)
+        """The full architecture on half the steps (500 round-0 steps, one round of 150), sized to train in
+        ≤ 8 minutes on 2 cores. A 1.4M-parameter model (d=192, 3 layers) on 1,000 steps trained in 5 min and
+        answered well-formed (1% malformed, Pass@16 96%), but its verifier was near chance (AUROC 0.58)."""
+        return cls(solve_steps=500, rounds=1, round_steps=150, sample_puzzles=150, seed=seed)
 
 
 def trainer_config(sv: SVConfig, corpus: Path, cache: Path, max_steps: int, name: str) -> configmod.Config:
