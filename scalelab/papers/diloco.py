@@ -6,7 +6,8 @@ the number of replicas M; DiLoCo communicates 1/H of DDP's bytes; and, by the pa
 DiLoCo reaches DDP's loss several times sooner over a slow link (≥ 5× at 1 Gbit/s for M=4).
 
 Best against best, as the paper tunes: DDP's learning rate from a sweep; for each M, the outer learning rate
-from {0.4, 0.6, 0.8, 1.0} at the inner learning rate of the paper's fits (`scaling.diloco_hparams`, relative
+from {0.4, 0.6, 0.8, 1.0}, extended downwards (0.2, 0.1, ...) while the best sits at the grid's low edge, as
+the paper extends its grids until the optimum is interior, at the inner learning rate of the paper's fits (`scaling.diloco_hparams`, relative
 to DDP's tuned lr), then (full mode) the inner lr at ½× and 2× that centre at the best outer lr. The best configuration of
 each arm runs on more seeds; gaps get CIs from the seed spread (paired by seed). Runs are long enough for the
 outer Nesterov momentum (a memory of ~10 outer steps) to matter little: ≥ 100 outer steps quick, ≥ 300 full.
@@ -86,9 +87,15 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     best: dict[int, tuple[float, float]] = {}
     for M in MS:
         centre = ddp_lr * diloco_hparams(N, M)[0]
-        for o, v in zip(OUTER_LRS, loss([diloco_config("diloco", M, 0, quick, centre, o) for o in OUTER_LRS])):
+        grid = list(OUTER_LRS)
+        for o, v in zip(grid, loss([diloco_config("diloco", M, 0, quick, centre, o) for o in grid])):
             sweep[(M, centre, o)] = v
-        o_best = min(OUTER_LRS, key=lambda o: sweep[(M, centre, o)])
+        # as the paper does, extend the grid until the optimum is interior (the best outer lr falls with H)
+        while min(grid, key=lambda o: sweep[(M, centre, o)]) == min(grid) and min(grid) > 0.05:
+            o = round(min(grid) / 2, 3)
+            grid.append(o)
+            sweep[(M, centre, o)] = loss([diloco_config("diloco", M, 0, quick, centre, o)])[0]
+        o_best = min(grid, key=lambda o: sweep[(M, centre, o)])
         lrs = [centre * f for f in factors]
         for lr, v in zip(lrs, loss([diloco_config("diloco", M, 0, quick, lr, o_best) for lr in lrs])):
             sweep[(M, lr, o_best)] = v
