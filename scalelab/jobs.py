@@ -94,25 +94,18 @@ def proc_start(pid: int) -> str | None:
     return out.split(None, 1)[1] if " " in out else None
 
 
-def proc_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
-        return out.stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-
-
 def alive(job: Job) -> bool:
-    """Whether the process `job` started is still running: the same pid, start time and command line."""
+    """Whether the process `job` started is still running. The pid and its start time identify the process (a
+    reused pid has another start time); the command line, when it can be read whole from /proc, must also be
+    the job's own. `ps` truncates long command lines, so it is not used for that check."""
     if not job.pid or not job.proc_start or proc_start(job.pid) != job.proc_start:
         return False
-    cmd = proc_cmdline(job.pid)
-    return any("scalelab" in a for a in cmd) and job.run_dir in cmd
+    try:
+        raw = Path(f"/proc/{job.pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no procfs (macOS): the start time alone decides
+    cmd = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return not cmd or (any("scalelab" in a for a in cmd) and job.run_dir in cmd)
 
 
 # ============================================================================================= the registry

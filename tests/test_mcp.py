@@ -8,9 +8,11 @@ Every call is bounded by a timeout; servers bind 127.0.0.1 only.
 """
 
 import base64
+import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -254,9 +256,15 @@ def test_second_job_refused_then_stop(stdio, lab_dirs, trained):
     stdio.ok("train_start", name="long", overrides=sets(lab_dirs["corpus"], lab_dirs["cache"],
                                                         **{"train.max_steps": 100000}))
     deadline = time.monotonic() + 90
-    while (st := stdio.ok("job_status", job="long"))["step"] is None or st["step"] < 6:
-        assert st["status"] == "running" and time.monotonic() < deadline, st["log_tail"]
-        time.sleep(0.3)
+    try:
+        while (st := stdio.ok("job_status", job="long"))["step"] is None or st["step"] < 6:
+            assert st["status"] == "running" and time.monotonic() < deadline, st
+            time.sleep(0.3)
+    except BaseException:  # never leave a 100,000-step job behind
+        pid = jobs.Job.read(runs / "long").pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        raise
     assert st["total"] == 100000 and st["eta_s"] > 0
 
     stdio.refused("train_start", "already running", "'long'", "--max-jobs", name="second",

@@ -184,11 +184,11 @@ def _wallclock(runs: dict, final: dict, N: int, z: dict) -> dict:
         n = steps_to(runs[k][0], target)
         out["steps"][k] = n
         strat = W.DP if k == "ddp" else W.diloco(z["H"], int(k.split("=")[1]))
-        nodes = 4 if k == "ddp" else int(k.split("=")[1])
+        # every arm on the same 4 workers: DDP all-reduces over all 4, DiLoCo's M replicas split them
         here = W.time_to_loss(n, step_s, strat, N, assumptions=W.Assumptions(
-            n_params=N, step_compute_s=step_s, bytes_per_param=4.0, nodes=max(2, nodes)))
-        proj = (W.project_time_to_loss(n / n_ddp, 2.4e9, 2 ** 21, 64, strat, mfu=0.4) if n is not None
-                else {g: None for g in (1.0, 10.0, 100.0)})
+            n_params=N, step_compute_s=step_s, bytes_per_param=4.0, nodes=4))
+        proj = (W.project_time_to_loss(n / n_ddp, 2.4e9, 2 ** 21, 64, strat, mfu=0.4, assumptions=W.Assumptions(
+            n_params=2.4e9, step_compute_s=1.0, nodes=4)) if n is not None else {g: None for g in (1.0, 10.0, 100.0)})
         out["ours"][k], out["projected"][k] = here, proj
     for kind in ("ours", "projected"):
         base = out[kind]["ddp"]
@@ -237,7 +237,7 @@ Wall-clock by the scaling-laws paper's App. A model (`scalelab/wallclock.py`; it
 cells, see its docstring): steps to DDP's mean final loss ({clock['target']:.4f}) read off each arm's seed-0 val curve, \
 times the per-step wall time over a slow link. Here: DDP's measured compute {clock['step_s'] * 1000:.1f} ms per step, \
 fp32 gradients of this model, 4 workers, no overlap. Projected: the same step ratio at 2.4B parameters, 2M tokens per \
-step on 64 chips at 300 TFLOP/s and 40% MFU, bf16, two datacenters, no overlap; that the ratio carries over as N grows \
+step on 64 chips at 300 TFLOP/s and 40% MFU, bf16, 4 workers, no overlap; that the ratio carries over as N grows \
 is the projection's assumption (the paper's scaling laws are the evidence for it). Speed-up over DDP to the same loss:
 
 | arm | steps to target | here 1 Gbit/s | here 10 | here 100 | projected 1 Gbit/s | projected 10 | projected 100 |
