@@ -126,8 +126,9 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     v3 = V.HOLDS if exact else V.DOES_NOT_HOLD
     speed = clock["ours"]["M=4"][1.0]
     speed_paper = clock["projected"]["M=4"][1.0]
+    # an arm that never reaches DDP's loss is never sooner to it: the claim does not hold
     v4 = V.DID_NOT_TRAIN if untrained["M=4"] else (
-        V.NOT_RUN if speed_paper is None else V.HOLDS if speed_paper >= SPEEDUP_TARGET else V.DOES_NOT_HOLD)
+        V.HOLDS if speed_paper is not None and speed_paper >= SPEEDUP_TARGET else V.DOES_NOT_HOLD)
     regime = {"params": N, "tokens": z["steps"] * z["batch"] * z["context"], "steps": z["steps"], "H": z["H"],
               "outer steps": z["steps"] // z["H"], "width": z["d_model"], "seeds": len(seeds)}
     claims = [("M=1 DiLoCo is no worse than DDP", v1, f"(M=1 − DDP)/DDP ≤ {M1_THRESHOLD:.0%} (whole 95% CI)",
