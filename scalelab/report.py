@@ -3,8 +3,8 @@
 Every report of the lab (training runs, search runs, the report card's sections, horizons, sweeps) is built
 with these helpers: atomic writes (`write_text`, `write_json`, `savefig`: never a half-written file over a
 good one), `read_metrics` (the one `metrics.jsonl` reader), `figure` (a matplotlib figure on the Agg backend)
-and `md_table` (a Markdown table). `run_report` reads `config.toml`, `metrics.jsonl` and `data.json`; nothing
-is taken from memory, so a report can be rebuilt at any time, including for a run that is still going.
+and `make_dir` (an output directory, or one clear error). `run_report` reads `config.toml`, `metrics.jsonl`
+and `data.json`; nothing is taken from memory, so a report can be rebuilt at any time, even mid-run.
 """
 
 from __future__ import annotations
@@ -42,13 +42,6 @@ def figure(*args, **kw):
     import matplotlib.pyplot as plt
 
     return plt.subplots(*args, **kw)
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table; cells are written with str()."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def savefig(fig, path: Path) -> None:
