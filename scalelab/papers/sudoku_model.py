@@ -150,8 +150,11 @@ class SVConfig:
     @classmethod
     def quick(cls, seed: int = 0) -> SVConfig:
         """The full architecture on half the steps (500 round-0 steps, one round of 150), sized to train in
-        ≤ 8 minutes on 2 cores. A 1.4M-parameter model (d=192, 3 layers) on 1,000 steps trained in 5 min and
-        answered well-formed (1% malformed, Pass@16 96%), but its verifier was near chance (AUROC 0.58)."""
+        ≤ 8 minutes on 2 cores. Measured (seed 0; search on 50 held-out puzzles, k = 16): trained in 7 min 33 s,
+        1.6% malformed, Pass@1 22%, Pass@16 72%, verifier AUROC 0.78, Verification@16 34% vs Consistency@16 52%:
+        the mechanism runs, but this verifier is too weak to beat the vote. A 1.4M-parameter model (d=192,
+        3 layers) on 1,000 steps trained in 5 min (1% malformed, Pass@16 96%) with a verifier near chance
+        (AUROC 0.58). The full model (`SVConfig()`) reaches AUROC 0.997 and Verification@16 92.5%."""
         return cls(solve_steps=500, rounds=1, round_steps=150, sample_puzzles=150, seed=seed)
 
 
