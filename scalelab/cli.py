@@ -350,6 +350,8 @@ def reproduce(
         raise ScalelabError(f"--shared {shared} has no data/ folder")
     if parallel < 1:
         raise ScalelabError("--parallel must be >= 1")
+    if sss_model is not None and not (sss_model / "rounds.json").is_file():  # fail before any work starts
+        raise ScalelabError(f"--sss-model {sss_model} is not a trained Sudoku model directory (no rounds.json)")
     opts = papersmod.Options(shared=shared, sss_model=sss_model, parallel=parallel)
     path = papersmod.reproduce(papers or list(papersmod.PAPERS), out, quick=quick, opts=opts)
     typer.echo(f"report card: {path}")

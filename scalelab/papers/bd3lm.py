@@ -300,7 +300,7 @@ PAPER_REGIME = {"params": "110M", "tokens": "65B (LM1B) / 262B (OWT)", "context"
 def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     """AR vs BD3-LM L′ ∈ {4, 16} vs MDLM at an equal token budget (runs, NELBO, gen ppl, frontier, plot)."""
     from scalelab.papers import verdict as V
-    from scalelab.papers.dyt import unigram_baseline
+    from scalelab.papers.section import unigram_baseline
     from scalelab.scaling import param_count
 
     (opts or Options()).tick(section="bd3lm", runs=1)

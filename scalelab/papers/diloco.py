@@ -105,14 +105,14 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     final = {k: loss(v) for k, v in cfgs.items()}
     runs = {k: [out / c.name for c in v] for k, v in cfgs.items()}
 
-    from scalelab.papers.dyt import unigram_baseline
+    from scalelab.papers.section import unigram_baseline
 
     unigram = unigram_baseline(base)
     untrained = {k: V.did_not_train(v, unigram) for k, v in final.items()}
     rel = {k: [a / b - 1 for a, b in zip(final[k], final["ddp"])] for k in final if k != "ddp"}
     ci = {k: V.seed_ci(v) for k, v in rel.items()}
-    comm = {k: read_metrics(runs[k][0])[0][-1]["comm_bytes_total"] / read_metrics(runs[k][0])[0][-1]["tokens"]
-            for k in runs}
+    last = {k: read_metrics(runs[k][0])[0][-1] for k in runs}
+    comm = {k: last[k]["comm_bytes_total"] / last[k]["tokens"] for k in runs}
     ratio = {k: comm[k] / comm["ddp"] for k in comm if k != "ddp"}
     exact = all(abs(r - 1 / z["H"]) < 1e-9 for r in ratio.values())
     clock = _wallclock(runs, final, N, z)

@@ -110,6 +110,15 @@ class Options:
             self.progress.done(done)
 
 
+def unigram_baseline(cfg: configmod.Config) -> float:
+    """Cross-entropy of the val split under the train split's unigram distribution (nats/token)."""
+    from scalelab import data as datamod
+    from scalelab.papers import verdict as V
+
+    prepared = datamod.prepare(cfg.data)
+    return V.unigram_cross_entropy(prepared.tokens("train"), prepared.tokens("val"), prepared.meta["vocab_size"])
+
+
 def mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
