@@ -195,13 +195,23 @@ def serve(
     model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8000,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    allow_origin: Annotated[Optional[list[str]], typer.Option(
+        help="a browser origin allowed besides localhost, e.g. http://localhost:3000 (repeatable; * allows any)")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="the most tokens a request may ask for (default: the context)")] = None,
+    max_n: Annotated[int, typer.Option(help="the most samples per request")] = 64,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(help="the longest prompt accepted (default: the context − 1)")] = None,
+    max_body: Annotated[int, typer.Option(help="the largest request body in bytes")] = 1 << 20,
+    max_in_flight: Annotated[int, typer.Option(help="requests running or queued; one more gets a 503")] = 64,
+    grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 10.0,
 ) -> None:
     """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming)."""
-    from scalelab.serve import serve as serve_fn
+    from scalelab.serve import Limits, serve as serve_fn
 
     if dtype == "bfloat16":
         print(BF16_WARNING, file=sys.stderr)
-    serve_fn(model, port=port, dtype=dtype)
+    limits = Limits(max_tokens=max_tokens, max_n=max_n, prompt_tokens=max_prompt_tokens, body_bytes=max_body,
+                    in_flight=max_in_flight, allow_origins=list(allow_origin or []))
+    serve_fn(model, port=port, dtype=dtype, limits=limits, grace_s=grace)
 
 
 # ============================================================================================= search

@@ -276,13 +276,22 @@ class Engine:
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         """All `params.n` completions of `prompt` (see `stream`)."""
+        *_, g = self.generate_steps(prompt, params)
+        return g
+
+    def generate_steps(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[Generation | None]:
+        """`generate` one decode step at a time (for a scheduler that interleaves requests): yields None after
+        each step, then the Generation. Its counts are its own, whatever ran in between."""
         comps = [Completion(logprobs=[] if params.logprobs else None,
                             top_logprobs=[] if params.top_logprobs else None) for _ in range(params.n)]
-        before = self.completion_tokens
         stops = self._stops(params)
-        for deltas in self.stream(prompt, params):
+        used, cached = 0, 0
+        for step, deltas in enumerate(self.stream(prompt, params)):
+            if step == 0:
+                cached = self.last_cached_tokens  # set by this stream's prefill, before its first yield
             for d in deltas:
                 c = comps[d.index]
+                used += d.token is not None
                 if d.token is not None and d.token not in stops:
                     c.tokens.append(d.token)
                 if c.logprobs is not None and d.logprob is not None:
@@ -292,9 +301,8 @@ class Engine:
                 c.text += d.text
                 if d.finish_reason:
                     c.finish_reason = d.finish_reason
-        used = self.completion_tokens - before
-        return Generation(comps, prompt_tokens=len(prompt), completion_tokens=used,
-                          cached_tokens=self.last_cached_tokens)
+            yield None
+        yield Generation(comps, prompt_tokens=len(prompt), completion_tokens=used, cached_tokens=cached)
 
     def _stops(self, params: SamplingParams) -> set[int]:
         return set(self.stop_ids) | set(params.stop_ids)

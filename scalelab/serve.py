@@ -2,31 +2,70 @@
 LangChain, the `openai` SDK, our own `openai` backend) can use the lab's models.
 
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`. Supported
-request fields: n, max_tokens (max_completion_tokens), temperature, top_p, top_k (an extension, as vLLM),
+request fields: model, n, max_tokens (max_completion_tokens), temperature, top_p, top_k (an extension, as vLLM),
 seed, stop, logprobs / top_logprobs, echo (completions; with max_tokens 0 it returns the prompt's token
 logprobs, which `OpenAIBackend.score` uses), stream (server-sent events, one chunk per token per choice).
 
 Notable choices:
-- Starlette + uvicorn, bound to 127.0.0.1 only. The engine is not thread-safe, so requests run one at a time
-  in a worker thread (the event loop stays free to answer /health and reject bad requests meanwhile).
+- Starlette + uvicorn, bound to 127.0.0.1 only. One worker thread owns the engine (`scheduler.py`) and steps
+  the live requests in turn, so concurrent clients all progress. A client that goes away (mid-stream or while
+  waiting for a non-streamed answer) cancels its request: the engine is free again within one decode step.
+- Hostile clients: the Host header must name the loopback address the server is bound to (DNS rebinding gets
+  421), a browser Origin must be local or allowed with `--allow-origin` (else 403), and a POST body must be
+  JSON (`text/plain` and form bodies, which a browser sends cross-origin without a preflight, get 415).
+- Bounded requests (`Limits`): max_tokens, n, prompt tokens, body bytes (counted while reading), and requests
+  in flight; over a limit is a 4xx (or 503 when the server is full), never a clamp.
+- `model` may be omitted, "default", the served model's name, or the name it was started with; any other
+  name is a 404, as OpenAI answers. Message roles are system, user and assistant ("developer" is read as
+  system, as OpenAI does for older models); other roles are a 400.
 - A bad request gets a 4xx JSON error in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
   and the server carries on; a bug gets a 500 in the same shape and the server carries on too.
+- SIGTERM (or Ctrl-C) stops accepting, lets in-flight requests finish for `grace_s` seconds, cancels the rest
+  and exits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from scalelab.backends import LocalBackend
-from scalelab.engine import SamplingParams
+from scalelab.engine import MAX_TOP_LOGPROBS, SamplingParams
 from scalelab.errors import ScalelabError
+from scalelab.scheduler import Scheduler
 
 log = logging.getLogger("scalelab")
 HOST = "127.0.0.1"
+LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
+
+
+@dataclass
+class Limits:
+    """What one request may ask for. `None` for max_tokens / prompt_tokens means the model's context."""
+
+    max_tokens: int | None = None
+    max_n: int = 64
+    prompt_tokens: int | None = None
+    body_bytes: int = 1 << 20
+    in_flight: int = 64  # requests running or queued; one more gets a 503
+    active: int = 8  # requests the engine steps in turn; the rest wait in arrival order
+    stop_strings: int = 8
+    allow_origins: list[str] = field(default_factory=list)  # besides http(s)://127.0.0.1|localhost[:port]
+
+    def validate(self) -> None:
+        for k in ("max_n", "body_bytes", "in_flight", "active"):
+            if getattr(self, k) < 1:
+                raise ScalelabError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        for k in ("max_tokens", "prompt_tokens"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ScalelabError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
 
 
 class RequestError(ScalelabError):
@@ -52,25 +91,40 @@ def _get(body: dict, key: str, types: type | tuple, default: Any = None) -> Any:
     return v
 
 
-def _params(body: dict, chat: bool) -> SamplingParams:
+def _params(body: dict, chat: bool, limits: Limits, context: int) -> SamplingParams:
     stop = _get(body, "stop", (str, list), [])
     if isinstance(stop, str):
         stop = [stop]
-    if not all(isinstance(s, str) for s in stop) or len(stop) > 8:
-        raise RequestError("'stop' must be a string or a list of at most 8 strings", "stop")
+    if not all(isinstance(s, str) for s in stop) or len(stop) > limits.stop_strings:
+        raise RequestError(f"'stop' must be a string or a list of at most {limits.stop_strings} strings", "stop")
     if chat:
         logprobs = _get(body, "logprobs", bool, False)
         top = _get(body, "top_logprobs", int, 0)
     else:
         lp = _get(body, "logprobs", int, None)
         logprobs, top = lp is not None, lp or 0
-    max_tokens = _get(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
-                      int, 16 if not chat else 512)
-    p = SamplingParams(n=_get(body, "n", int, 1), max_tokens=max_tokens,
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}",
+                           "top_logprobs" if chat else "logprobs")
+    key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _get(body, key, int, 16 if not chat else 512)
+    cap = limits.max_tokens or context
+    if key not in body:
+        max_tokens = min(max_tokens, cap)  # the default, not the client's ask: fit it under the cap
+    if not 1 <= max_tokens <= cap:
+        raise RequestError(f"'{key}' must be in [1, {cap}] on this server, got {max_tokens}", key)
+    n = _get(body, "n", int, 1)
+    if not 1 <= n <= limits.max_n:
+        raise RequestError(f"'n' must be in [1, {limits.max_n}] on this server, got {n}", "n")
+    p = SamplingParams(n=n, max_tokens=max_tokens,
                        temperature=float(_get(body, "temperature", (int, float), 1.0)),
                        top_p=float(_get(body, "top_p", (int, float), 1.0)), top_k=_get(body, "top_k", int, 0),
                        seed=_get(body, "seed", int, None), stop=[s for s in stop if s], logprobs=logprobs,
                        top_logprobs=top)
+    if p.seed is not None and not -(1 << 63) <= p.seed < 1 << 64:
+        raise RequestError("'seed' must fit in 64 bits", "seed")
+    if p.seed is not None:
+        p.seed %= 1 << 63
     try:
         p.validate()
     except ScalelabError as e:
@@ -78,45 +132,140 @@ def _params(body: dict, chat: bool) -> SamplingParams:
     return p
 
 
-def create_app(backend: LocalBackend, max_body: int = 1 << 20):
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError("each message needs a 'role' and a string 'content'", "messages")
+        if m["role"] not in ROLES:
+            raise RequestError(f"unknown role {m['role'][:40]!r}: use one of system, user, assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+                raise RequestError("content parts must be objects with a string 'text'", "messages")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(content, str):
+            raise RequestError("each message needs a 'role' and a string 'content'", "messages")
+        out.append({"role": ROLES[m["role"]], "content": content})
+    return out
+
+
+class _Guard:
+    """ASGI middleware: Host must be this loopback server (DNS rebinding), a browser Origin must be local or
+    allowed, and a POST body must be JSON (no cross-origin 'simple' requests)."""
+
+    def __init__(self, app, port: int | None, allow_origins: list[str]):
+        self.app, self.port, self.allow = app, port, {o.rstrip("/") for o in allow_origins}
+
+    def _host_ok(self, host: str) -> bool:
+        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if not name:  # no port
+            name, port = host, ""
+        if name.lower() not in LOCAL_NAMES:
+            return False
+        return not port or self.port is None or port == str(self.port)
+
+    def _origin_ok(self, origin: str) -> bool:
+        if "*" in self.allow or origin.rstrip("/") in self.allow:
+            return True
+        scheme, _, rest = origin.partition("://")
+        return scheme in ("http", "https") and self._host_ok(rest.rstrip("/"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        problem = None
+        if not self._host_ok(headers.get("host", "")):
+            problem = (421, f"Host {headers.get('host', '')[:80]!r} is not this server: it answers on "
+                            f"127.0.0.1{':' + str(self.port) if self.port else ''} only", "misdirected_request")
+        elif "origin" in headers and not self._origin_ok(headers["origin"]):
+            problem = (403, f"Origin {headers['origin'][:80]!r} is not allowed (see --allow-origin)", "forbidden")
+        elif scope["method"] == "POST":
+            ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                problem = (415, f"the body must be JSON (Content-Type: application/json), got {ctype!r}",
+                           "unsupported_media_type")
+        if problem is None:
+            return await self.app(scope, receive, send)
+        status, message, kind = problem
+        await _error(status, message, kind=kind)(scope, receive, send)
+
+
+def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | None = None,
+               scheduler: Scheduler | None = None):
+    """The ASGI app. `port` is the bound port the Host header must carry (None: any port on a loopback name)."""
     from starlette.applications import Starlette
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    limits = limits or Limits()
+    limits.validate()
     tok = backend.tokenizer
     model_name = backend.name
+    names = {model_name, "default", getattr(backend, "spec", model_name)}
+    ctx = backend.model.cfg.context
+    vocab = backend.model.cfg.vocab_size
+    prompt_cap = min(limits.prompt_tokens or ctx, ctx - 1)
+    engine = backend.engine
+    sched = scheduler or Scheduler(backend.lock, max_active=limits.active)
 
     async def read_json(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > max_body:
-            raise RequestError(f"request body over {max_body} bytes", status=413)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.body_bytes:
+            raise RequestError(f"request body over {limits.body_bytes} bytes", status=413)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limits.body_bytes:
+                raise RequestError(f"request body over {limits.body_bytes} bytes", status=413)
+
+        def no_constant(name: str):
+            raise ValueError(f"{name} is not JSON")
+
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(bytes(raw), parse_constant=no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise RequestError("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and (not isinstance(model, str) or model not in names):
+            raise RequestError(f"model {str(model)[:80]!r} is not served here (this server has {model_name!r})",
+                               "model", status=404)
         return body
 
     def token_str(t: int) -> str:
         return tok.decode([t], skip_special_tokens=False)
 
-    def prompt_ids(body: dict) -> list[int]:
+    def check_ids(ids: list) -> list[int]:
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt")
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise RequestError("'prompt' must be a string or a list of token ids", "prompt")
+            if not 0 <= t < vocab:
+                raise RequestError(f"token id {str(t)[:30]} is outside the vocabulary (size {vocab})", "prompt")
+        if len(ids) > prompt_cap:
+            raise RequestError(f"the prompt has {len(ids)} tokens but this server takes at most {prompt_cap} "
+                               f"(the model's context is {ctx})", "prompt")
+        return list(ids)
+
+    def prompt_ids(body: dict) -> tuple[list[int], str]:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return backend.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
+            return check_ids(backend.encode(prompt)), prompt
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = check_ids(prompt)
+            return ids, tok.decode(ids)
         raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
-
-    def check_len(ids: list[int], params: SamplingParams) -> None:
-        ctx = backend.model.cfg.context
-        if len(ids) >= ctx:
-            raise RequestError(f"the prompt has {len(ids)} tokens but the model's context is {ctx}", "prompt")
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -139,15 +288,39 @@ def create_app(backend: LocalBackend, max_body: int = 1 << 20):
         return {"content": [dict(entry(t, lp), top_logprobs=[entry(i, v) for i, v in (tops[j] if tops else [])])
                             for j, (t, lp) in enumerate(zip(tokens, lps))]}
 
-    def run(ids: list[int], params: SamplingParams, chat: bool, echo: bool, prompt_text: str) -> dict:
-        g_prompt_lps = None
-        if echo and params.logprobs and len(ids) > 1:
-            with backend.lock:
-                g_prompt_lps = backend.engine.score(ids[:1], [ids[1:]])[0].token_logprobs
-        with backend.lock:
-            g = backend.engine.generate(ids, params)
+    # ---- work on the engine thread: generators, one decode step per item ------------------------------------
+    def work(ids: list[int], params: SamplingParams | None, echo_logprobs: bool):
+        """(prompt token logprobs or None, Generation or None); params None: echo only."""
+        plps = engine.score(ids[:1], [ids[1:]])[0].token_logprobs if echo_logprobs and len(ids) > 1 else None
+        if params is None:
+            yield plps, None
+            return
+        yield None
+        for g in engine.generate_steps(ids, params):
+            yield None if g is None else (plps, g)
+
+    async def finish(request: Request, job) -> Any:
+        """The job's result, or None once the client has gone (the job is then cancelled)."""
+        async def gone():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        result = asyncio.ensure_future(job.result())
+        watch = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({result, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if result.done():
+                return result.result()
+            return None
+        finally:
+            job.cancel()
+            watch.cancel()
+            if not result.done():
+                result.cancel()
+
+    def body_of(ids, params, chat, echo, prompt_text, plps, g) -> dict:
         choices = []
-        for i, c in enumerate(g.completions):
+        for i, c in enumerate(g.completions if g is not None else []):
             toks = c.tokens
             lps = c.logprobs[:len(toks)] if c.logprobs is not None else None
             tops = c.top_logprobs[:len(toks)] if c.top_logprobs is not None else None
@@ -162,88 +335,98 @@ def create_app(backend: LocalBackend, max_body: int = 1 << 20):
                 if params.logprobs:
                     lp = comp_logprobs(toks, lps or [], tops, len(prompt_text) if echo else 0)
                     if echo:
-                        plp = comp_logprobs(ids, [None] + (g_prompt_lps or []), None)
+                        plp = comp_logprobs(ids, [None] + (plps or []), None)
                         lp = {k: (plp[k] or []) + (lp[k] or []) if k != "top_logprobs" else lp[k] for k in lp}
                     ch["logprobs"] = lp
             choices.append(ch)
+        if g is None:  # echo only: the prompt and its logprobs
+            choices = [{"index": 0, "text": prompt_text, "finish_reason": "length",
+                        "logprobs": comp_logprobs(ids, [None] + (plps or []), None) if params.logprobs else None}]
         return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": choices, "usage": usage(g.prompt_tokens, g.completion_tokens)}
+                "model": model_name, "choices": choices,
+                "usage": usage(len(ids), g.completion_tokens if g is not None else 0)}
 
-    def echo_only(ids: list[int], prompt_text: str, want_logprobs: bool) -> dict:
-        lps = None
-        if want_logprobs and len(ids) > 1:
-            with backend.lock:
-                lps = backend.engine.score(ids[:1], [ids[1:]])[0].token_logprobs
-        ch = {"index": 0, "text": prompt_text, "finish_reason": "length",
-              "logprobs": comp_logprobs(ids, [None] + (lps or []), None) if want_logprobs else None}
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": [ch], "usage": usage(len(ids), 0)}
-
-    def sse(ids: list[int], params: SamplingParams, chat: bool):
+    async def sse(job, ids: list[int], params: SamplingParams, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         completion = 0
-        if chat:
-            for i in range(params.n):
-                yield _chunk(rid, obj, created, model_name, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                              "finish_reason": None, "logprobs": None}])
-        for deltas in backend.stream_ids(ids, params):
-            choices = []
-            for d in deltas:
-                completion += d.token is not None
-                if chat:
-                    ch = {"index": d.index, "delta": {"content": d.text} if d.text else {},
-                          "finish_reason": d.finish_reason, "logprobs": None}
-                    if params.logprobs and d.token is not None and d.logprob is not None:
-                        ch["logprobs"] = chat_logprobs([d.token], [d.logprob],
-                                                       [d.top_logprobs] if d.top_logprobs else None)
-                else:
-                    ch = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}
-                    if params.logprobs and d.token is not None:
-                        ch["logprobs"] = comp_logprobs([d.token], [d.logprob],
-                                                       [d.top_logprobs] if d.top_logprobs else None)
-                choices.append(ch)
-            yield _chunk(rid, obj, created, model_name, choices)
-        yield _chunk(rid, obj, created, model_name, [], usage=usage(len(ids), completion))
-        yield "data: [DONE]\n\n"
+        try:
+            if chat:
+                for i in range(params.n):
+                    yield _chunk(rid, obj, created, model_name,
+                                 [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                   "finish_reason": None, "logprobs": None}])
+            async for deltas in job.items():
+                choices = []
+                for d in deltas:
+                    completion += d.token is not None
+                    if chat:
+                        ch = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                              "finish_reason": d.finish_reason, "logprobs": None}
+                        if params.logprobs and d.token is not None and d.logprob is not None:
+                            ch["logprobs"] = chat_logprobs([d.token], [d.logprob],
+                                                           [d.top_logprobs] if d.top_logprobs else None)
+                    else:
+                        ch = {"index": d.index, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}
+                        if params.logprobs and d.token is not None:
+                            ch["logprobs"] = comp_logprobs([d.token], [d.logprob],
+                                                           [d.top_logprobs] if d.top_logprobs else None)
+                    choices.append(ch)
+                yield _chunk(rid, obj, created, model_name, choices)
+            yield _chunk(rid, obj, created, model_name, [], usage=usage(len(ids), completion))
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - headers are sent: report the error in the stream and end it
+            status = 400 if isinstance(e, ScalelabError) else 500
+            if status == 500:
+                log.exception("internal error while streaming")
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error' if status == 500 else 'invalid_request_error', 'param': None, 'code': status}})}\n\n"
+        finally:
+            job.cancel()
+
+    class JobStream(StreamingResponse):
+        """A stream whose job is cancelled however the response ends (done, client gone, server stopping)."""
+
+        def __init__(self, body, job):
+            super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            self.job = job
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel()
+
+    def admit() -> None:
+        if sched.pending() >= limits.in_flight:
+            raise RequestError(f"the server is busy ({limits.in_flight} requests in flight): retry later",
+                               status=503)
 
     async def handle(request: Request, chat: bool):
         try:
             body = await read_json(request)
-            echo_only_request = not chat and body.get("echo") is True and body.get("max_tokens") == 0
-            params = _params(dict(body, max_tokens=1) if echo_only_request else body, chat)
+            echo_only = not chat and body.get("echo") is True and body.get("max_tokens") == 0
+            params = _params(dict(body, max_tokens=1) if echo_only else body, chat, limits, ctx)
             stream = _get(body, "stream", bool, False)
             if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages:
-                    raise RequestError("'messages' must be a non-empty list", "messages")
-                for m in messages:
-                    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                        raise RequestError("each message needs a 'role' and a string 'content'", "messages")
-                    if isinstance(m.get("content"), list):  # content parts: keep the text ones
-                        m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
-                    if not isinstance(m.get("content"), str):
-                        raise RequestError("each message needs a 'role' and a string 'content'", "messages")
-                ids = backend.encode(backend.chat_prompt(messages), bos=False)
+                ids = check_ids(backend.encode(backend.chat_prompt(_messages(body)), bos=False))
                 echo, text = False, ""
             else:
-                ids = prompt_ids(body)
+                ids, text = prompt_ids(body)
                 echo = _get(body, "echo", bool, False)
-                text = body["prompt"] if isinstance(body.get("prompt"), str) else tok.decode(ids)
-                if echo_only_request:
-                    check_len(ids, params)
-                    return JSONResponse(await run_in_threadpool(echo_only, ids, text, params.logprobs))
-            check_len(ids, params)
-            bad = [t for t in ids if not 0 <= t < backend.model.cfg.vocab_size]
-            if bad:
-                raise RequestError(f"token id {bad[0]} is outside the vocabulary", "prompt")
+            admit()
             if stream:
                 if echo:
                     raise RequestError("echo with stream is not supported", "echo")
-                return StreamingResponse(iterate_in_threadpool(sse(ids, params, chat)), media_type="text/event-stream")
-            return JSONResponse(await run_in_threadpool(run, ids, params, chat, echo, text))
+                job = sched.submit(lambda: engine.stream(ids, params))
+                return JobStream(sse(job, ids, params, chat), job)
+            job = sched.submit(lambda: work(ids, None if echo_only else params, echo and params.logprobs))
+            done = await finish(request, job)
+            if done is None:  # the client went away; nobody reads this
+                return _error(499, "client closed the request")
+            plps, g = done
+            return JSONResponse(body_of(ids, params, chat, echo, text, plps, g))
         except RequestError as e:
             return _error(e.status, str(e), e.param)
         except ScalelabError as e:
@@ -263,7 +446,7 @@ def create_app(backend: LocalBackend, max_body: int = 1 << 20):
                                                          "owned_by": "scalelab"}]})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "in_flight": sched.pending(), "steps": sched.steps})
 
     async def not_found(request: Request, exc):
         return _error(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
@@ -274,7 +457,21 @@ def create_app(backend: LocalBackend, max_body: int = 1 << 20):
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
+    middleware = [Middleware(_Guard, port=port, allow_origins=limits.allow_origins)]
+    if limits.allow_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=limits.allow_origins, allow_methods=["GET", "POST"],
+                                     allow_headers=["authorization", "content-type"]))
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        sched.close()  # after uvicorn's graceful drain: cancel whatever is left
+
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: bad_method},
+                    lifespan=lifespan)
+    app.state.scheduler = sched
+    return app
 
 
 def _chunk(rid: str, obj: str, created: int, model: str, choices: list, usage: dict | None = None) -> str:
@@ -284,14 +481,19 @@ def _chunk(rid: str, obj: str, created: int, model: str, choices: list, usage: d
     return f"data: {json.dumps(d)}\n\n"
 
 
-def serve(model: str, port: int = 8000, dtype: str = "float32", log_level: str = "info") -> None:
-    """Load a model and serve it on 127.0.0.1:port until interrupted."""
+def serve(model: str, port: int = 8000, dtype: str = "float32", log_level: str = "info",
+          limits: Limits | None = None, grace_s: float = 10.0) -> None:
+    """Load a model and serve it on 127.0.0.1:port until SIGTERM / Ctrl-C (in-flight requests get `grace_s`)."""
     try:
         import uvicorn
     except ImportError:
         raise ScalelabError("serving needs starlette and uvicorn: pip install 'scalelab[serve]'") from None
     if not 0 < port < 65536:
         raise ScalelabError(f"port must be in 1..65535, got {port}")
+    if grace_s < 0:
+        raise ScalelabError(f"--grace must be >= 0 seconds, got {grace_s}")
+    limits = limits or Limits()
+    limits.validate()
     import socket
 
     with socket.socket() as s:  # fail with one line before loading the model when the port is taken
@@ -300,5 +502,6 @@ def serve(model: str, port: int = 8000, dtype: str = "float32", log_level: str =
         except OSError as e:
             raise ScalelabError(f"cannot listen on {HOST}:{port}: {e.strerror}") from None
     backend = LocalBackend(model, dtype=dtype)
-    app = create_app(backend)
-    uvicorn.run(app, host=HOST, port=port, log_level=log_level)
+    backend.spec = str(model)
+    app = create_app(backend, limits, port=port)
+    uvicorn.run(app, host=HOST, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
