@@ -3,7 +3,12 @@
 A checkpoint is a directory `checkpoints/step_NNNNNNN/` holding `model.safetensors`, `optim.safetensors`
 (AdamW moments and step counts) and `state.json` (step, config, data position, RNG states, optimizer
 hyper-parameters). It is written under a temporary name, fsynced and renamed into place, so a process killed
-at any instant leaves either the previous checkpoints or the new one, never a half-written one.
+at any instant leaves either the previous checkpoints or the new one, never a half-written one. (Re-saving an
+existing step moves the old directory aside as `.old-step_NNNNNNN` first; a kill between the two renames leaves
+that complete old copy, which `list_checkpoints` lists in its place and the next `save` moves back.)
+
+Test-only fault injection: `SCALELAB_TEST_CKPT_PAUSE=<phase>:<step>:<marker>` stops a save inside the write
+so that a test can SIGKILL it there (see `_test_pause`; unset, it costs one environment lookup per save).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,32 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from scalelab.errors import CheckpointError, ScalelabError
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
+OLD_DIR = re.compile(r"^\.old-(step_\d{7})$")  # an existing step moved aside while it is re-saved
+TEST_PAUSE_ENV = "SCALELAB_TEST_CKPT_PAUSE"
+
+
+def _test_pause(phase: str, step: int) -> None:
+    """TEST-ONLY hook (tests/test_train.py, tests/test_distributed.py); never set SCALELAB_TEST_CKPT_PAUSE otherwise.
+
+    With SCALELAB_TEST_CKPT_PAUSE=<phase>:<step>:<marker>, the first process that reaches `phase` while saving
+    `step` creates the file `marker` (exclusively), writes its pid into it and sleeps 60 s, so that the test can
+    SIGKILL it exactly there. A process that finds the marker already there (e.g. a restarted one) goes on.
+    Phases: "tensors" (model and optimizer tensors written into the temp dir; state.json, fsync and rename still
+    to come) and "replace" (an existing checkpoint of the same step moved aside, the new one not moved in yet).
+    """
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec:
+        return
+    want_phase, want_step, marker = spec.split(":", 2)
+    if want_phase != phase or int(want_step) != step:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    time.sleep(60)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,6 +85,12 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
     ckpt_root.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_root.glob(".tmp-step_*"):  # left by a process killed mid-write (one writer per run)
         shutil.rmtree(stale, ignore_errors=True)
+    for old in ckpt_root.glob(".old-step_*"):  # left by a kill between the two renames of a re-save
+        m = OLD_DIR.match(old.name)
+        if m and not (ckpt_root / m.group(1)).exists():
+            os.replace(old, ckpt_root / m.group(1))  # the only copy of that step: put it back
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:07d}-", dir=ckpt_root))
     try:
@@ -63,6 +101,7 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
             tensors = {f"{i}.{k}": v.detach().contiguous() for i, s in osd["state"].items() for k, v in s.items()}
             save_file(tensors, str(tmp / "optim.safetensors"))
             meta["optim_param_groups"] = osd["param_groups"]
+        _test_pause("tensors", step)
         (tmp / "state.json").write_text(json.dumps(meta))
         for f in tmp.iterdir():
             _fsync_file(f)
@@ -71,6 +110,7 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
             old = ckpt_root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            _test_pause("replace", step)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -85,10 +125,16 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first: every `step_N`, and a `.old-step_N` whose `step_N` is missing (a kill
+    between the two renames of a re-save of step N; it is the complete previous copy of step N)."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+    dirs = [p for p in ckpt_root.iterdir() if p.is_dir()]
+    found = {p.name: p for p in dirs if STEP_DIR.match(p.name)}
+    for p in dirs:
+        if m := OLD_DIR.match(p.name):
+            found.setdefault(m.group(1), p)
+    return [found[k] for k in sorted(found)]
 
 
 def latest(ckpt_root: Path) -> Path | None:

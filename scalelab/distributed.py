@@ -31,7 +31,10 @@ such a link (plus `link_latency_ms` per collective), so wall-clock comparisons i
 Faults: the global state (θ_global, the outer optimizer, step, data position) is checkpointed at outer steps by
 rank 0; each replica's leader also saves its inner AdamW state beside it, so a torchrun elastic restart after
 a SIGKILL of any worker resumes from the last outer step and loses at most H inner steps (on CPU it ends on
-the fault-free run's weights, to < 1e-6 in the test). A shared filesystem for the run directory is assumed across nodes.
+the fault-free run's weights and optimizer states bit for bit, in the tests). A kill of rank 0 inside the global
+checkpoint's write leaves the previous outer step as the latest; the inner states already written for the
+interrupted step are simply rewritten when it is saved again. A shared filesystem for the run directory is
+assumed across nodes.
 """
 
 from __future__ import annotations

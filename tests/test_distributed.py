@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_overrides
+from test_train import DETERMINISTIC, wait_for_pause
 
 STEPS = 12
 
@@ -218,14 +219,40 @@ def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
     return out
 
 
-def test_sigkill_of_a_worker_resumes_from_the_last_outer_step(corpus_dir, cache_dir, tmp_path):
-    """Kill one worker mid-run (SIGKILL); torchrun restarts the job, which resumes from the last outer step."""
-    steps, H = 48, 4
-    cfg = sets(corpus_dir, cache_dir, **{"train.max_steps": steps, "train.ckpt_every": H, "train.eval_every": 24,
-                                         "train.log_every": 1, "distributed.inner_steps": H,
-                                         "distributed.link_latency_ms": 40.0})
-    ref = tmp_path / "ref"
+FAULT_STEPS, FAULT_H = 48, 4
+
+
+@pytest.fixture(scope="module")
+def fault_ref(corpus_dir, cache_dir, tmp_path_factory):
+    """The config of the kill tests (M=2, H=4, a checkpoint at every outer step) and its fault-free run."""
+    cfg = sets(corpus_dir, cache_dir, **{"train.max_steps": FAULT_STEPS, "train.ckpt_every": FAULT_H,
+                                         "train.eval_every": 24, "train.log_every": 1,
+                                         "distributed.inner_steps": FAULT_H, "distributed.link_latency_ms": 40.0})
+    ref = tmp_path_factory.mktemp("fault_ref") / "run"
     train_ok(2, ref, ["--strategy", "diloco", *cfg], timeout=180)
+    return cfg, ref
+
+
+def assert_bitwise_same_run(want: Path, got: Path) -> None:
+    """Same final global weights, outer optimizer state and inner AdamW states, bit for bit, and the same metrics."""
+    a, b = (sorted((r / "checkpoints").glob("step_*"))[-1] for r in (want, got))
+    step = a.name
+    assert b.name == step
+    inner = sorted((want / "checkpoints" / "inner").glob(f"{step}-*"))
+    files = [a / "model.safetensors", a / "optim.safetensors", *inner]
+    assert len(files) == 4  # and one inner state per replica
+    for f in files:
+        x, y = load_file(str(f)), load_file(str(got / f.relative_to(want)))
+        assert x.keys() == y.keys(), f.name
+        for k in x:
+            assert torch.equal(x[k], y[k]), (f.name, k)
+    assert [{k: r[k] for k in DETERMINISTIC if k in r} for r in rows(want)] == \
+        [{k: r[k] for k in DETERMINISTIC if k in r} for r in rows(got)]
+
+
+def test_sigkill_of_a_worker_resumes_from_the_last_outer_step(fault_ref, tmp_path):
+    """Kill one worker mid-run (SIGKILL); torchrun restarts the job, which resumes from the last outer step."""
+    (cfg, ref), steps, H = fault_ref, FAULT_STEPS, FAULT_H
     out = tmp_path / "killed"
     cmd = torchrun_cmd(2, ["train", "--quiet", "--resume", "--out", str(out), "--strategy", "diloco", *cfg], restarts=2)
     agent = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -252,9 +279,48 @@ def test_sigkill_of_a_worker_resumes_from_the_last_outer_step(corpus_dir, cache_
     assert [r["step"] for r in train_rows] == list(range(1, steps + 1))  # the lost steps were redone, once
     resumed = [int(m) for m in re.findall(r"resuming .* from step (\d+)", err)]
     assert resumed and resumed[0] % H == 0 and killed_at - resumed[0] <= H + 1
-    # CPU and gloo are deterministic: the resumed run ends on the very weights of the fault-free one
-    assert max_diff(weights(ref), weights(out)) < 1e-6
-    assert rows(out)[-1]["val_loss"] == pytest.approx(rows(ref)[-1]["val_loss"], abs=1e-5)
+    # CPU and gloo are deterministic: the resumed run ends on the very state of the fault-free one, bit for bit
+    assert_bitwise_same_run(ref, out)
+
+
+def test_sigkill_inside_an_outer_step_checkpoint_write_resumes_bitwise_exact(fault_ref, tmp_path):
+    """SIGKILL rank 0 while it is inside the write of the step-24 global checkpoint (the inner states of step 24
+    are already on disk, the global one is not renamed yet); a new torchrun --resume ends on the very same state."""
+    from scalelab import checkpoint
+    from scalelab.distributed import make_outer_optimizer
+
+    cfg, ref = fault_ref
+    out, marker = tmp_path / "killed", tmp_path / "paused"
+    args = ["train", "--quiet", "--resume", "--out", str(out), "--strategy", "diloco", *cfg]
+    agent = subprocess.Popen(torchrun_cmd(2, args), env=dict(env(), SCALELAB_TEST_CKPT_PAUSE=f"tensors:24:{marker}"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_pause(agent, marker)
+        assert worker_pids(agent).get(0) == pid  # the writer
+        os.kill(pid, signal.SIGKILL)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0 and "exitcode: -9" in err, err[-3000:]
+    ckpts = out / "checkpoints"
+    assert [c.name for c in checkpoint.list_checkpoints(ckpts)] == ["step_0000016", "step_0000020"]
+    [partial] = ckpts.glob(".tmp-step_0000024-*")
+    assert not (partial / "state.json").exists()
+    assert sorted(f.name for f in (ckpts / "inner").glob("step_0000024-*")) == [  # ahead of the global state
+        "step_0000024-replica0.safetensors", "step_0000024-replica1.safetensors"]
+    # the previous outer step still loads: global model, outer SGD state, both inner AdamW states
+    run_cfg, model = checkpoint.load_run(out)
+    outer = make_outer_optimizer(list(model.parameters()), run_cfg.distributed)
+    assert checkpoint.load(ckpts / "step_0000020", model, outer)["step"] == 20
+    for m in (0, 1):
+        assert load_file(str(ckpts / "inner" / f"step_0000020-replica{m}.safetensors"))
+    (partial / "model.safetensors").write_bytes(b"\0" * 8)  # torn as well: resuming must not read it
+    p = torchrun(2, args, timeout=150)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.findall(r"resuming .* from step (\d+)", p.stderr) == ["20", "20"]  # both ranks, the same outer step
+    assert not any(c.name.startswith(".") for c in ckpts.iterdir())  # the partial write was cleaned up
+    assert_bitwise_same_run(ref, out)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -16,9 +16,35 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_cli, tiny_overrides
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    return load_file(str(last / "model.safetensors"))
+DETERMINISTIC = ("step", "tokens", "lr", "loss", "grad_norm", "val_loss", "val_bpb")  # metrics without timings
+
+
+def assert_same_final_state(want_run: Path, got_run: Path) -> None:
+    """The last checkpoints hold bitwise-equal weights and optimizer state, and the metrics agree exactly."""
+    want, got = (sorted((r / "checkpoints").glob("step_*"))[-1] for r in (want_run, got_run))
+    assert want.name == got.name
+    for name in ("model.safetensors", "optim.safetensors"):
+        a, b = load_file(str(want / name)), load_file(str(got / name))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    sa, sb = ({k: json.loads((c / "state.json").read_text())[k] for k in ("step", "tokens", "data", "rng")}
+              for c in (want, got))
+    assert sa == sb
+    ra, rb = ([{k: r[k] for k in DETERMINISTIC if k in r} for r in map(json.loads, lines)]
+              for lines in ((x / "metrics.jsonl").read_text().splitlines() for x in (want_run, got_run)))
+    assert ra == rb  # no duplicated or missing lines, and the same numbers
+
+
+def wait_for_pause(proc: subprocess.Popen, marker: Path, timeout: float = 60) -> int:
+    """The pid that checkpoint._test_pause wrote into `marker` once `proc` sits inside a checkpoint write."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if marker.is_file() and (pid := marker.read_text()):
+            return int(pid)
+        assert proc.poll() is None, f"exited ({proc.returncode}) before pausing inside the checkpoint write"
+        time.sleep(0.01)
+    raise AssertionError("never paused inside the checkpoint write")
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +95,79 @@ def test_resume_after_sigkill_is_bitwise_exact(reference_run, corpus_dir, cache_
     p = run_cli(*args, check=True)
     assert not any(c.name.startswith(".tmp") for c in (out / "checkpoints").iterdir())  # partial writes cleaned
     assert "val loss" in p.stdout
-    want, got = final_weights(reference_run), final_weights(out)
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # no duplicated or missing lines
+    assert_same_final_state(reference_run, out)
+
+
+def test_sigkill_inside_a_checkpoint_write_resumes_bitwise_exact(reference_run, corpus_dir, cache_dir, tmp_path):
+    """SIGKILL the trainer while it is inside the write of checkpoint 20 (tensors written, not yet renamed)."""
+    from scalelab import checkpoint
+    from scalelab.train import make_optimizer
+
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    args = ["train", "--quiet", "--resume", "--out", str(out),
+            *tiny_overrides(corpus_dir, cache_dir, **{"train.max_steps": 40})]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SCALELAB_TEST_CKPT_PAUSE=f"tensors:20:{marker}")
+    proc = subprocess.Popen([sys.executable, "-m", "scalelab.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_pause(proc, marker) == proc.pid
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpts = out / "checkpoints"
+    assert [c.name for c in checkpoint.list_checkpoints(ckpts)] == ["step_0000010", "step_0000015"]
+    [partial] = ckpts.glob(".tmp-step_0000020-*")  # the write the kill interrupted
+    assert (partial / "optim.safetensors").is_file() and not (partial / "state.json").exists()
+    cfg, model = checkpoint.load_run(out)  # the previous checkpoint still loads, whole
+    assert checkpoint.load(ckpts / "step_0000015", model, make_optimizer(model, cfg.train))["step"] == 15
+    (partial / "model.safetensors").write_bytes(b"\0" * 8)  # torn as well: resuming must not read it
+    run_cli(*args, check=True)
+    assert not any(c.name.startswith(".") for c in ckpts.iterdir())  # the partial write was cleaned up
+    assert_same_final_state(reference_run, out)
+
+
+REPLACE_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from scalelab import checkpoint
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.randn(2, 4)).sum().backward()
+opt.step()
+checkpoint.save(Path(sys.argv[1]), 5, model, opt, {"version": 1}, keep_last=2)
+with torch.no_grad():
+    model.weight.add_(1.0)
+checkpoint.save(Path(sys.argv[1]), 5, model, opt, {"version": 2}, keep_last=2)  # re-save: pauses inside
+"""
+
+
+def test_sigkill_between_the_renames_of_a_resave_keeps_the_step(tmp_path):
+    """Re-saving step 5 moves the old step_5 aside, then moves the new one in: a kill in between loses neither."""
+    from scalelab import checkpoint
+
+    root, marker = tmp_path / "checkpoints", tmp_path / "paused"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SCALELAB_TEST_CKPT_PAUSE=f"replace:5:{marker}")
+    proc = subprocess.Popen([sys.executable, "-c", REPLACE_SCRIPT, str(root)], env=env)
+    try:
+        wait_for_pause(proc, marker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (root / "step_0000005").exists()  # really killed between the two renames
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    [ck] = checkpoint.list_checkpoints(root)
+    assert checkpoint.latest(root) == ck and checkpoint.load(ck, model, opt)["version"] == 1  # the complete old copy
+    old_weight = model.weight.detach().clone()
+    checkpoint.save(root, 6, model, opt, {"version": 3}, keep_last=5)  # the next save puts step 5 back
+    assert sorted(c.name for c in root.iterdir()) == ["step_0000005", "step_0000006"]
+    assert checkpoint.load(root / "step_0000005", model, opt)["version"] == 1
+    assert torch.equal(model.weight, old_weight)
 
 
 def test_existing_run_is_not_overwritten(reference_run, corpus_dir, cache_dir):
