@@ -201,7 +201,9 @@ def serve(
     max_n: Annotated[int, typer.Option(help="the most samples per request")] = 64,
     max_prompt_tokens: Annotated[Optional[int], typer.Option(help="the longest prompt accepted (default: the context − 1)")] = None,
     max_body: Annotated[int, typer.Option(help="the largest request body in bytes")] = 1 << 20,
-    max_in_flight: Annotated[int, typer.Option(help="requests running or queued; one more gets a 503")] = 64,
+    batch_rows: Annotated[int, typer.Option(help="sequences decoded together (a request with n samples takes n)")] = 64,
+    kv_mib: Annotated[float, typer.Option(help="KV cache budget of the batch in MiB")] = 512.0,
+    max_waiting: Annotated[int, typer.Option(help="requests waiting for room in the batch; one more gets a 429")] = 64,
     grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 10.0,
 ) -> None:
     """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming)."""
@@ -210,7 +212,7 @@ def serve(
     if dtype == "bfloat16":
         print(BF16_WARNING, file=sys.stderr)
     limits = Limits(max_tokens=max_tokens, max_n=max_n, prompt_tokens=max_prompt_tokens, body_bytes=max_body,
-                    in_flight=max_in_flight, allow_origins=list(allow_origin or []))
+                    rows=batch_rows, kv_mib=kv_mib, waiting=max_waiting, allow_origins=list(allow_origin or []))
     serve_fn(model, port=port, dtype=dtype, limits=limits, grace_s=grace)
 
 

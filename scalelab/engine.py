@@ -204,105 +204,21 @@ class Engine:
         return cache, logits, reused
 
     # ---- sampling ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[list[Delta]]:
-        """Sample `params.n` continuations of `prompt`, yielding each step's new tokens (and text deltas)."""
-        params.validate()
-        self._check_prompt(prompt)
-        if params.stop and self.decode is None:
-            raise ScalelabError("stop strings need an engine with a decode callback (give stop ids instead)")
-        n, P, ctx = params.n, len(prompt), self.cfg.context
-        max_new = params.max_tokens if params.slide else min(params.max_tokens, ctx - P)
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
-        stops = set(self.stop_ids) | set(params.stop_ids)
-        want_top = params.top_logprobs
-        pre, logits, cached = self._prefill(prompt)
-        self.last_cached_tokens = cached
-        self.prompt_tokens += P
-        cache = KVCache(self.cfg, n, ctx if params.slide else P + max_new, dtype=self.dtype, device=self.device)
-        cache.load_prefix(*pre.prefix())
-        logits = logits.expand(n, -1)
-        rows = list(range(n))  # sample index of each live batch row
-        out: list[list[int]] = [[] for _ in range(n)]
-        shown = [0] * n  # characters of text already yielded
-        for step in range(max_new):
-            nxt = sample_next(logits, params.temperature, params.top_k, params.top_p, [gens[r] for r in rows])
-            lp = top = None
-            if params.logprobs or want_top:
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                lp = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
-                if want_top:
-                    tv, ti = logp.topk(want_top, dim=-1)
-                    top = [list(zip(ti[j].tolist(), tv[j].tolist())) for j in range(len(rows))]
-            deltas, keep = [], []
-            ids = nxt.tolist()
-            self.completion_tokens += len(ids)
-            for j, (r, t) in enumerate(zip(rows, ids)):
-                d = Delta(r, t, lp[j] if lp else None, top[j] if top else None)
-                finish = None
-                if t in stops:
-                    finish = "stop"
-                else:
-                    out[r].append(t)
-                if finish is None and step == max_new - 1:
-                    finish = "length"
-                if self.decode is not None:
-                    text = self.decode(out[r])
-                    if t not in stops:
-                        hits = [i for i in (text.find(s, max(0, shown[r] - len(s) + 1)) for s in params.stop) if i >= 0]
-                        if hits:
-                            text, finish = text[:min(hits)], "stop"
-                    end = len(text) if finish else _safe_text_end(text, params.stop)
-                    d.text, shown[r] = text[shown[r]:end], max(shown[r], end)
-                d.finish_reason = finish
-                deltas.append(d)
-                if finish is None:
-                    keep.append(j)
-            yield deltas
-            if not keep:
-                break
-            if len(keep) < len(rows):  # drop finished rows from the batch
-                idx = torch.tensor(keep, device=self.device)
-                cache.select_rows(idx)
-                rows = [rows[j] for j in keep]
-                nxt = nxt[idx]
-            if cache.length >= cache.max_len:  # slide: rebuild from each row's last context/2 tokens
-                window = torch.tensor([(list(prompt) + out[r])[-(ctx // 2):] for r in rows], device=self.device)
-                cache = KVCache(self.cfg, len(rows), ctx, dtype=self.dtype, device=self.device)
-                logits = self.model(window, cache=cache)[:, -1]
-            else:
-                logits = self.model(nxt[:, None], cache=cache)[:, -1]
+        """Sample `params.n` continuations of `prompt`, yielding each step's new tokens (and text deltas): a
+        batch of this one request."""
+        batch = Batch(self)
+        req = batch.add(prompt, params)
+        self.last_cached_tokens = req.cached
+        while not req.done:
+            yield batch.step()[req]
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         """All `params.n` completions of `prompt` (see `stream`)."""
-        *_, g = self.generate_steps(prompt, params)
-        return g
-
-    def generate_steps(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[Generation | None]:
-        """`generate` one decode step at a time (for a scheduler that interleaves requests): yields None after
-        each step, then the Generation. Its counts are its own, whatever ran in between."""
-        comps = [Completion(logprobs=[] if params.logprobs else None,
-                            top_logprobs=[] if params.top_logprobs else None) for _ in range(params.n)]
-        stops = self._stops(params)
-        used, cached = 0, 0
-        for step, deltas in enumerate(self.stream(prompt, params)):
-            if step == 0:
-                cached = self.last_cached_tokens  # set by this stream's prefill, before its first yield
-            for d in deltas:
-                c = comps[d.index]
-                used += d.token is not None
-                if d.token is not None and d.token not in stops:
-                    c.tokens.append(d.token)
-                if c.logprobs is not None and d.logprob is not None:
-                    c.logprobs.append(d.logprob)
-                if c.top_logprobs is not None and d.top_logprobs is not None:
-                    c.top_logprobs.append(d.top_logprobs)
-                c.text += d.text
-                if d.finish_reason:
-                    c.finish_reason = d.finish_reason
-            yield None
-        yield Generation(comps, prompt_tokens=len(prompt), completion_tokens=used, cached_tokens=cached)
+        c = Collector(params, self._stops(params))
+        for deltas in self.stream(prompt, params):
+            c.add(deltas)
+        return c.result(len(prompt), self.last_cached_tokens)
 
     def _stops(self, params: SamplingParams) -> set[int]:
         return set(self.stop_ids) | set(params.stop_ids)
@@ -334,3 +250,240 @@ class Engine:
             tl = logp[b, torch.arange(len(c)), torch.tensor(list(c))].tolist()
             out.append(Score(sum(tl), tl))
         return out
+
+
+class Collector:
+    """Gathers one request's deltas into its `Generation` (the non-streaming answer)."""
+
+    def __init__(self, params: SamplingParams, stops: set[int]):
+        self.stops = stops
+        self.comps = [Completion(logprobs=[] if params.logprobs else None,
+                                 top_logprobs=[] if params.top_logprobs else None) for _ in range(params.n)]
+        self.used = 0
+
+    def add(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            c = self.comps[d.index]
+            self.used += d.token is not None
+            if d.token is not None and d.token not in self.stops:
+                c.tokens.append(d.token)
+            if c.logprobs is not None and d.logprob is not None:
+                c.logprobs.append(d.logprob)
+            if c.top_logprobs is not None and d.top_logprobs is not None:
+                c.top_logprobs.append(d.top_logprobs)
+            c.text += d.text
+            if d.finish_reason:
+                c.finish_reason = d.finish_reason
+
+    def result(self, prompt_tokens: int, cached: int) -> Generation:
+        return Generation(self.comps, prompt_tokens=prompt_tokens, completion_tokens=self.used, cached_tokens=cached)
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state inside a `Batch`."""
+
+    prompt: list[int]
+    params: SamplingParams
+    gens: list[torch.Generator]
+    stops: set[int]
+    max_new: int
+    cached: int
+    out: list[list[int]]
+    shown: list[int]
+    step: int = 0
+    done: bool = False
+
+    @property
+    def kv_tokens(self) -> int:
+        """The KV positions this request can need at most: n rows of prompt + new tokens."""
+        return self.params.n * (len(self.prompt) + self.max_new)
+
+
+class Batch:
+    """Continuous batching over one engine: requests join between steps and leave when done, and each step is
+    one forward over every live row of every request.
+
+    Rows share one KV cache of common length L. A row's positions are right-aligned: a request that joins
+    with a P-token prompt fills columns [L - P, L) (its own positions 0..P-1), the columns before are padding
+    that a key mask hides, and each row's new token gets its own RoPE position. With one request (or rows that
+    all started together) there is no padding, no mask and no position tensor: the forward is exactly the
+    single-request one. Leading columns no row uses are dropped when the cache fills, and it grows on demand.
+
+    A step: forward the tokens sampled last step (one (rows, 1) forward), merge requests that joined since
+    (their prefill logits are ready), then sample every row with its own request's settings and generator and
+    hand out each request's deltas. A finished or removed request's rows leave before the next forward.
+    """
+
+    def __init__(self, engine: Engine):
+        self.e = engine
+        self.cache: KVCache | None = None
+        self.rows: list[tuple[Request, int]] = []  # (request, sample index) of each cache row
+        self.start: list[int] = []  # each row's first column (the columns before it are padding)
+        self.logits: torch.Tensor | None = None  # (rows, V): the next-token logits of rows without a pending token
+        self.pending: torch.Tensor | None = None  # (rows,): tokens sampled last step, not yet fed
+        self.joining: list[tuple[Request, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.requests: list[Request] = []
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV positions reserved by the live and joining requests (what a budget is checked against)."""
+        return sum(r.kv_tokens for r in self.requests) + sum(j[0].kv_tokens for j in self.joining)
+
+    @property
+    def live_rows(self) -> int:
+        return len(self.rows) + sum(j[0].params.n for j in self.joining)
+
+    def __len__(self) -> int:
+        return len(self.requests) + len(self.joining)
+
+    @torch.inference_mode()
+    def add(self, prompt: Sequence[int], params: SamplingParams) -> Request:
+        """Prefill `prompt` now; its rows join the batch at the next step."""
+        e = self.e
+        params.validate()
+        e._check_prompt(prompt)
+        if params.stop and e.decode is None:
+            raise ScalelabError("stop strings need an engine with a decode callback (give stop ids instead)")
+        if params.slide and len(self):
+            raise ScalelabError("a sliding-window request runs alone, not in a shared batch")
+        n, P, ctx = params.n, len(prompt), e.cfg.context
+        max_new = params.max_tokens if params.slide else min(params.max_tokens, ctx - P)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
+        pre, logits, cached = e._prefill(prompt)
+        e.prompt_tokens += P
+        req = Request(list(prompt), params, gens, set(e.stop_ids) | set(params.stop_ids), max_new, cached,
+                      [[] for _ in range(n)], [0] * n)
+        k, v = pre.prefix()
+        self.joining.append((req, k, v, logits))
+        return req
+
+    def remove(self, req: Request) -> None:
+        """Drop a request now (its client went away): its rows leave before the next forward."""
+        req.done = True
+        self.joining = [j for j in self.joining if j[0] is not req]
+        self._keep([j for j, (r, _) in enumerate(self.rows) if r is not req])
+        self.requests = [r for r in self.requests if r is not req]
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.cache, self.rows, self.start, self.logits, self.pending = None, [], [], None, None
+            return
+        idx = torch.tensor(keep, device=self.e.device)
+        self.cache.select_rows(idx)
+        self.rows = [self.rows[j] for j in keep]
+        self.start = [self.start[j] for j in keep]
+        self.pending = self.pending[idx] if self.pending is not None else None
+        self.logits = self.logits[idx] if self.logits is not None else None
+
+    def _forward(self) -> None:
+        """Feed every row's pending token: one (rows, 1) forward."""
+        e, c = self.e, self.cache
+        ctx = e.cfg.context
+        if c.length >= c.max_len:
+            lo = min(self.start)
+            slide = len(self.requests) == 1 and self.requests[0].params.slide
+            if slide and lo == 0:  # rebuild from each row's last context/2 tokens
+                req = self.requests[0]
+                window = torch.tensor([(req.prompt + req.out[i])[-(ctx // 2):] for _, i in self.rows], device=e.device)
+                self.cache = KVCache(e.cfg, len(self.rows), ctx, dtype=e.dtype, device=e.device)
+                self.logits, self.pending = e.model(window, cache=self.cache)[:, -1], None
+                return
+            c.resize(max(c.length - lo + 1, min(2 * c.max_len, ctx)), -lo)  # drop unused columns, grow
+            self.start = [s - lo for s in self.start]
+        positions = mask = None
+        if any(self.start):
+            st = torch.tensor(self.start, device=e.device)
+            positions = (c.length - st)[:, None]
+            mask = (torch.arange(c.length + 1, device=e.device) >= st[:, None])[:, None, None, :]
+        self.logits = e.model(self.pending[:, None], positions=positions, mask=mask, cache=c)[:, -1]
+        self.pending = None
+
+    def _merge(self) -> None:
+        """Rows of the requests that joined since the last step enter the cache, right-aligned."""
+        e = self.e
+        for req, k, v, logits in self.joining:
+            n, P = req.params.n, len(req.prompt)
+            if self.cache is None:
+                cap = e.cfg.context if req.params.slide else P + req.max_new
+                self.cache = KVCache(e.cfg, 0, cap, dtype=e.dtype, device=e.device)
+                self.cache.length = P
+            c = self.cache
+            shift = max(0, P - c.length)  # a longer prompt: make room on the left
+            if shift or c.max_len < c.length + shift + 1:
+                c.resize(max(c.max_len + shift, c.length + shift + 1), shift)
+                self.start = [s + shift for s in self.start]
+            c.add_rows(k, v, n)
+            self.start += [c.length - P] * n
+            self.rows += [(req, i) for i in range(n)]
+            rows_logits = logits.expand(n, -1)
+            self.logits = rows_logits if self.logits is None else torch.cat([self.logits, rows_logits])
+            self.requests.append(req)
+        self.joining = []
+
+    @torch.inference_mode()
+    def step(self) -> dict[Request, list[Delta]]:
+        """One step: every live request's deltas (a request is done when all its samples have finished)."""
+        if self.pending is not None and self.rows:
+            self._forward()
+        self._merge()
+        out: dict[Request, list[Delta]] = {}
+        if not self.rows:
+            return out
+        e = self.e
+        sampled = torch.empty(len(self.rows), dtype=torch.long, device=e.device)
+        finished: set[int] = set()
+        for req in self.requests:
+            idx = [j for j, (r, _) in enumerate(self.rows) if r is req]
+            out[req] = self._sample(req, idx, sampled, finished)
+            req.step += 1
+            if all(j in finished for j in idx):
+                req.done = True
+        self.pending = sampled
+        self.logits = None
+        self._keep([j for j in range(len(self.rows)) if j not in finished])
+        self.requests = [r for r in self.requests if not r.done]
+        return out
+
+    def _sample(self, req: Request, idx: list[int], sampled: torch.Tensor, finished: set[int]) -> list[Delta]:
+        p, e = req.params, self.e
+        it = torch.tensor(idx, device=e.device)
+        logits = self.logits if len(idx) == len(self.rows) else self.logits[it]
+        samples = [self.rows[j][1] for j in idx]
+        nxt = sample_next(logits, p.temperature, p.top_k, p.top_p, [req.gens[i] for i in samples])
+        sampled[it] = nxt
+        lp = top = None
+        if p.logprobs or p.top_logprobs:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            lp = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+            if p.top_logprobs:
+                tv, ti = logp.topk(p.top_logprobs, dim=-1)
+                top = [list(zip(ti[j].tolist(), tv[j].tolist())) for j in range(len(idx))]
+        ids = nxt.tolist()
+        e.completion_tokens += len(ids)
+        deltas = []
+        for j, (row, r, t) in enumerate(zip(idx, samples, ids)):
+            d = Delta(r, t, lp[j] if lp else None, top[j] if top else None)
+            finish = None
+            if t in req.stops:
+                finish = "stop"
+            else:
+                req.out[r].append(t)
+            if finish is None and req.step == req.max_new - 1:
+                finish = "length"
+            if e.decode is not None:
+                text = e.decode(req.out[r])
+                if t not in req.stops:
+                    hits = [i for i in (text.find(s, max(0, req.shown[r] - len(s) + 1)) for s in p.stop) if i >= 0]
+                    if hits:
+                        text, finish = text[:min(hits)], "stop"
+                end = len(text) if finish else _safe_text_end(text, p.stop)
+                d.text, req.shown[r] = text[req.shown[r]:end], max(req.shown[r], end)
+            d.finish_reason = finish
+            deltas.append(d)
+            if finish is not None:
+                finished.add(row)
+        return deltas

@@ -134,6 +134,32 @@ class KVCache:
         self.v[:, :, :, :keep] = self.v[:, :, :, n:self.length].clone()
         self.length = keep
 
+    def resize(self, max_len: int, shift: int = 0) -> None:
+        """Reallocate to `max_len` positions, moving every row's filled positions by `shift`: > 0 makes room on the
+        left (a longer prompt joins a batch), < 0 drops leading positions no row uses (continuous batching)."""
+        new_length = self.length + shift
+        if not 0 <= new_length <= max_len or -shift > self.length:
+            raise ValueError(f"cannot resize a KV cache of length {self.length} by {shift} into {max_len}")
+        lo, dst = max(0, -shift), max(0, shift)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], max_len, old.shape[4]))
+            new[:, :, :, dst:new_length] = old[:, :, :, lo:self.length]
+            setattr(self, name, new)
+        self.max_len, self.length = max_len, new_length
+
+    def add_rows(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Append n rows holding one prefix k, v (n_layer, 1, n_kv, T, hd), right-aligned to end at `length`
+        (positions before it are padding the attention mask hides); T ≤ length."""
+        T = k.shape[3]
+        if T > self.length:
+            raise ValueError(f"a prefix of {T} positions does not fit before position {self.length}")
+        for name, src in (("k", k), ("v", v)):
+            old = getattr(self, name)
+            rows = old.new_zeros((old.shape[0], n, *old.shape[2:]))
+            rows[:, :, :, self.length - T:self.length] = src
+            setattr(self, name, torch.cat([old, rows], dim=1))
+
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (scratch keys written by a forward that must not stay)."""
         if not 0 <= length <= self.max_len:

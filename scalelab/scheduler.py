@@ -1,13 +1,14 @@
-"""One engine, many requests: a worker thread owns the engine and runs every request one step at a time.
+"""One engine, many requests: a worker thread owns the engine and decodes every request in one shared batch.
 
-A request is a `Job`: an iterator made on the worker thread (a decode stream, or a one-step call such as
-scoring), one step per item (an item of None is a step with nothing to hand over yet), whose items are handed to the waiting coroutine through its event loop. The worker steps the live
-jobs in turn (round robin, at most `max_active` at once, the rest wait in arrival order), so concurrent
-clients all make progress and a cancelled job (its client went away) is closed before its next step: the
-engine is free again within one decode step. Nothing here holds a lock across a yield.
+Decode requests join the engine's continuous `Batch` between steps and leave when done, so concurrent
+requests (any n, streamed or not) share each forward. One-shot calls (scoring) run between steps. Each
+request is a `Job` whose items (a decode step's deltas, or a call's result) reach the waiting coroutine
+through its event loop. A cancelled job (its client went away) leaves the batch before the next forward: the
+engine is free of it within one step.
 
-This is the seam for continuous batching: the worker decides what runs in each step, the HTTP layer only
-submits jobs and reads their items.
+Admission: at most `max_rows` sequences decode at once and their KV positions stay within `kv_tokens`;
+requests that do not fit yet wait in arrival order, at most `max_waiting` of them (`Full` beyond that, which
+the server answers with 429). A request that could never fit is refused at once (`TooLarge`).
 """
 
 from __future__ import annotations
@@ -16,21 +17,39 @@ import asyncio
 import collections
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from scalelab.engine import Batch, Engine, SamplingParams
+from scalelab.errors import ScalelabError
 
 log = logging.getLogger("scalelab")
 _END = object()
 
 
-class Job:
-    """One request's iterator on the worker, and the queue its items arrive in (on the caller's event loop)."""
+class Full(ScalelabError):
+    """The waiting line is full: retry later."""
 
-    def __init__(self, make: Callable[[], Iterator[Any]], loop: asyncio.AbstractEventLoop):
-        self.make, self.loop = make, loop
+
+class TooLarge(ScalelabError):
+    """The request needs more sequences or KV positions than this server has at all."""
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Job:
+    """One request: its items arrive in `queue`, on the event loop of the coroutine that submitted it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any] | None = None,
+                 prompt: Sequence[int] = (), params: SamplingParams | None = None):
+        self.loop, self.call, self.prompt, self.params = loop, call, list(prompt), params
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.it: Iterator[Any] | None = None
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache (set on the worker at prefill)
+        self.req = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -52,97 +71,165 @@ class Job:
             yield item
 
     async def result(self) -> Any:
-        """The job's last item (for one-shot jobs and collected generations)."""
+        """A one-shot call's result."""
         last = None
         async for item in self.items():
             last = item
         return last
 
 
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 class Scheduler:
-    """The worker thread. `lock` (optional) is held for each step, so other users of the same engine in this
-    process interleave with the server safely."""
+    """The worker thread. `lock` (optional) is held for each step and call, so other users of the same engine
+    in this process interleave with the server safely."""
 
-    def __init__(self, lock: threading.Lock | None = None, max_active: int = 8):
-        self.lock = lock or threading.Lock()
-        self.max_active = max_active
+    def __init__(self, engine: Engine, lock: threading.Lock | None = None, max_rows: int = 64,
+                 kv_tokens: int | None = None, max_waiting: int = 64):
+        self.engine, self.lock = engine, lock or threading.Lock()
+        self.max_rows, self.max_waiting = max_rows, max_waiting
+        self.kv_tokens = kv_tokens if kv_tokens is not None else max_rows * engine.cfg.context
+        self.batch = Batch(engine)
+        self.calls: collections.deque[Job] = collections.deque()
         self.waiting: collections.deque[Job] = collections.deque()
-        self.active: list[Job] = []
+        self.jobs: dict[Any, Job] = {}  # batch request -> its job
         self.cv = threading.Condition()
         self.closed = False
-        self.steps = 0  # steps run over the scheduler's life (tests and stats)
+        self.steps = 0  # batch steps over the scheduler's life
+        self.peak_rows = 0  # the most sequences decoded together in one step
         self.thread = threading.Thread(target=self._loop, name="scalelab-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, make: Callable[[], Iterator[Any]]) -> Job:
-        """Queue `make` (called on the worker) and return its job. Call from a coroutine."""
-        job = Job(make, asyncio.get_running_loop())
+    # ---- the coroutine side --------------------------------------------------------------------------------
+    def kv_need(self, prompt_len: int, params: SamplingParams) -> int:
+        return params.n * (prompt_len + min(params.max_tokens, self.engine.cfg.context - prompt_len))
+
+    def submit_decode(self, prompt: Sequence[int], params: SamplingParams) -> Job:
+        """Queue a decode request; its items are each step's deltas (lists of `engine.Delta`)."""
+        if params.n > self.max_rows:
+            raise TooLarge(f"n = {params.n} is more than this server decodes at once ({self.max_rows})")
+        need = self.kv_need(len(prompt), params)
+        if need > self.kv_tokens:
+            raise TooLarge(f"the request needs {need} KV positions (n × (prompt + max_tokens)) but this server "
+                           f"has {self.kv_tokens}")
+        return self._enqueue(Job(asyncio.get_running_loop(), prompt=prompt, params=params), self.waiting)
+
+    def submit(self, call: Callable[[], Any]) -> Job:
+        """Queue a one-shot call (run on the worker between steps); its one item is the call's result."""
+        return self._enqueue(Job(asyncio.get_running_loop(), call=call), self.calls)
+
+    def _beyond(self, extra: Job | None) -> int:
+        """How many waiting requests (and `extra`, last) will not fit in the batch as it stands: the line."""
+        rows, kv, over = self.batch.live_rows, self.batch.kv_tokens, 0
+        for job in [*self.waiting, *([extra] if extra is not None else [])]:
+            need = self.kv_need(len(job.prompt), job.params)
+            if not over and rows + job.params.n <= self.max_rows and kv + need <= self.kv_tokens:
+                rows, kv = rows + job.params.n, kv + need
+            else:
+                over += 1
+        return over
+
+    def _enqueue(self, job: Job, line: collections.deque) -> Job:
         with self.cv:
             if self.closed:
-                raise RuntimeError("the scheduler is closed")
-            self.waiting.append(job)
+                raise Full("the server is shutting down")
+            if job.params is not None and self._beyond(job) > self.max_waiting:
+                raise Full(f"the server is busy (the batch is full and {self.max_waiting} requests are waiting): "
+                           "retry later")
+            if job.params is None and len(self.calls) >= self.max_waiting:
+                raise Full(f"the server is busy ({self.max_waiting} calls waiting): retry later")
+            line.append(job)
             self.cv.notify()
         return job
 
     def pending(self) -> int:
+        """Requests decoding, joining or waiting."""
         with self.cv:
-            return len(self.waiting) + len(self.active)
+            return len(self.batch) + len(self.waiting) + len(self.calls)
 
     def close(self) -> None:
         """Cancel every job and stop the worker after its current step."""
         with self.cv:
             self.closed = True
-            for job in [*self.waiting, *self.active]:
+            for job in [*self.waiting, *self.calls, *self.jobs.values()]:
                 job.cancel()
             self.cv.notify()
 
-    def _next_batch(self) -> list[Job] | None:
-        with self.cv:
-            while not self.closed and not self.waiting and not self.active:
-                self.cv.wait()
-            if self.closed:
-                return None
-            while self.waiting and len(self.active) < self.max_active:
-                self.active.append(self.waiting.popleft())
-            return list(self.active)
-
-    def _finish(self, job: Job, item: Any = _END) -> None:
-        if job.it is not None and hasattr(job.it, "close"):
-            try:
-                job.it.close()  # runs the generator's cleanup now, on this thread
-            except Exception:  # noqa: BLE001 - cleanup of a job that is being dropped
-                log.exception("closing a job")
+    # ---- the worker ----------------------------------------------------------------------------------------
+    def _end(self, job: Job, item: Any = _END) -> None:
         if item is not _END:
             job._put(item)
         job._put(_END)
-        with self.cv:
-            if job in self.active:
-                self.active.remove(job)
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch, in arrival order, while they fit."""
+        b = self.batch
+        while True:
+            with self.cv:
+                if not self.waiting:
+                    return
+                job = self.waiting[0]
+                if not job.cancelled.is_set():
+                    need = self.kv_need(len(job.prompt), job.params)
+                    if len(b) and (b.live_rows + job.params.n > self.max_rows or b.kv_tokens + need > self.kv_tokens):
+                        return
+                self.waiting.popleft()
+            if job.cancelled.is_set():
+                self._end(job)
+                continue
+            try:
+                with self.lock:
+                    job.req = b.add(job.prompt, job.params)
+                job.cached_tokens = job.req.cached
+                self.jobs[job.req] = job
+            except Exception as e:  # noqa: BLE001 - handed to the request that caused it
+                self._end(job, _Failure(e))
 
     def _loop(self) -> None:
-        while (jobs := self._next_batch()) is not None:
-            for job in jobs:
+        b = self.batch
+        while True:
+            with self.cv:
+                while not self.closed and not self.calls and not self.waiting and not len(b):
+                    self.cv.wait()
+                if self.closed:
+                    break
+                calls = list(self.calls)
+                self.calls.clear()
+            for job in calls:
                 if job.cancelled.is_set():
-                    self._finish(job)
+                    self._end(job)
                     continue
                 try:
                     with self.lock:
-                        if job.it is None:
-                            job.it = job.make()
-                        item = next(job.it)
-                    self.steps += 1
-                except StopIteration:
-                    self._finish(job)
+                        result = job.call()
+                    self._end(job, result)
+                except Exception as e:  # noqa: BLE001
+                    self._end(job, _Failure(e))
+            for req, job in list(self.jobs.items()):
+                if job.cancelled.is_set():
+                    b.remove(req)
+                    del self.jobs[req]
+                    self._end(job)
+            self._admit()
+            if not len(b):
+                continue
+            try:
+                with self.lock:
+                    out = b.step()
+            except Exception as e:  # noqa: BLE001 - a bug in a step: fail every request in it, keep serving
+                log.exception("a batch step failed")
+                for req, job in list(self.jobs.items()):
+                    b.remove(req)
+                    self._end(job, _Failure(e))
+                self.jobs.clear()
+                continue
+            self.steps += 1
+            self.peak_rows = max(self.peak_rows, sum(len(d) for d in out.values()))
+            for req, deltas in out.items():
+                job = self.jobs.get(req)
+                if job is None:
                     continue
-                except Exception as e:  # noqa: BLE001 - handed to the request that caused it
-                    self._finish(job, _Failure(e))
-                    continue
-                if item is not None:  # None: a step that produced nothing to hand over yet
-                    job._put(item)
-        for job in [*self.waiting, *self.active]:
-            self._finish(job)
+                job._put(deltas)
+                if req.done:
+                    del self.jobs[req]
+                    self._end(job)
+        for job in [*self.waiting, *self.calls, *self.jobs.values()]:
+            self._end(job)

@@ -7,14 +7,17 @@ seed, stop, logprobs / top_logprobs, echo (completions; with max_tokens 0 it ret
 logprobs, which `OpenAIBackend.score` uses), stream (server-sent events, one chunk per token per choice).
 
 Notable choices:
-- Starlette + uvicorn, bound to 127.0.0.1 only. One worker thread owns the engine (`scheduler.py`) and steps
-  the live requests in turn, so concurrent clients all progress. A client that goes away (mid-stream or while
-  waiting for a non-streamed answer) cancels its request: the engine is free again within one decode step.
+- Starlette + uvicorn, bound to 127.0.0.1 only. One worker thread owns the engine (`scheduler.py`) and decodes
+  every request in one continuous batch: requests (any n, streamed or not) join between steps and leave when
+  done, so concurrent clients share each forward. A client that goes away (mid-stream or while waiting for a
+  non-streamed answer) cancels its request: it leaves the batch before the next step.
 - Hostile clients: the Host header must name the loopback address the server is bound to (DNS rebinding gets
   421), a browser Origin must be local or allowed with `--allow-origin` (else 403), and a POST body must be
   JSON (`text/plain` and form bodies, which a browser sends cross-origin without a preflight, get 415).
-- Bounded requests (`Limits`): max_tokens, n, prompt tokens, body bytes (counted while reading), and requests
-  in flight; over a limit is a 4xx (or 503 when the server is full), never a clamp.
+- Bounded requests (`Limits`): max_tokens, n, prompt tokens and body bytes (counted while reading) are 4xx when
+  over, never clamped. The batch holds at most `rows` sequences and `kv_mib` of KV cache (a request reserves
+  n × (prompt + max_tokens) positions); requests wait for room in arrival order, and when `waiting` are
+  already waiting the next gets a 429 with Retry-After.
 - `model` may be omitted, "default", the served model's name, or the name it was started with; any other
   name is a 404, as OpenAI answers. Message roles are system, user and assistant ("developer" is read as
   system, as OpenAI does for older models); other roles are a 400.
@@ -36,9 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scalelab.backends import LocalBackend
-from scalelab.engine import MAX_TOP_LOGPROBS, SamplingParams
+from scalelab.engine import MAX_TOP_LOGPROBS, Collector, SamplingParams
 from scalelab.errors import ScalelabError
-from scalelab.scheduler import Scheduler
+from scalelab.scheduler import Full, Scheduler, TooLarge
 
 log = logging.getLogger("scalelab")
 HOST = "127.0.0.1"
@@ -54,13 +57,14 @@ class Limits:
     max_n: int = 64
     prompt_tokens: int | None = None
     body_bytes: int = 1 << 20
-    in_flight: int = 64  # requests running or queued; one more gets a 503
-    active: int = 8  # requests the engine steps in turn; the rest wait in arrival order
+    rows: int = 64  # sequences decoded together in one batch (a request with n samples takes n)
+    kv_mib: float = 512.0  # KV cache budget for the batch, MiB: requests reserve n × (prompt + max_tokens) positions
+    waiting: int = 64  # requests waiting for room in the batch; one more gets a 429
     stop_strings: int = 8
     allow_origins: list[str] = field(default_factory=list)  # besides http(s)://127.0.0.1|localhost[:port]
 
     def validate(self) -> None:
-        for k in ("max_n", "body_bytes", "in_flight", "active"):
+        for k in ("max_n", "body_bytes", "rows", "kv_mib", "waiting"):
             if getattr(self, k) < 1:
                 raise ScalelabError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
         for k in ("max_tokens", "prompt_tokens"):
@@ -213,7 +217,10 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
     vocab = backend.model.cfg.vocab_size
     prompt_cap = min(limits.prompt_tokens or ctx, ctx - 1)
     engine = backend.engine
-    sched = scheduler or Scheduler(backend.lock, max_active=limits.active)
+    cfg = backend.model.cfg
+    position_bytes = 2 * cfg.n_layer * cfg.n_kv_head * (cfg.d_model // cfg.n_head) * engine.dtype.itemsize
+    sched = scheduler or Scheduler(engine, backend.lock, max_rows=limits.rows,
+                                   kv_tokens=int(limits.kv_mib * 2 ** 20 // position_bytes), max_waiting=limits.waiting)
 
     async def read_json(request: Request) -> dict:
         declared = request.headers.get("content-length", "")
@@ -288,35 +295,37 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
         return {"content": [dict(entry(t, lp), top_logprobs=[entry(i, v) for i, v in (tops[j] if tops else [])])
                             for j, (t, lp) in enumerate(zip(tokens, lps))]}
 
-    # ---- work on the engine thread: generators, one decode step per item ------------------------------------
-    def work(ids: list[int], params: SamplingParams | None, echo_logprobs: bool):
-        """(prompt token logprobs or None, Generation or None); params None: echo only."""
-        plps = engine.score(ids[:1], [ids[1:]])[0].token_logprobs if echo_logprobs and len(ids) > 1 else None
-        if params is None:
-            yield plps, None
-            return
-        yield None
-        for g in engine.generate_steps(ids, params):
-            yield None if g is None else (plps, g)
+    async def until_gone(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-    async def finish(request: Request, job) -> Any:
-        """The job's result, or None once the client has gone (the job is then cancelled)."""
-        async def gone():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
+    async def collect(request: Request, job, params: SamplingParams | None, echo_logprobs: bool, ids: list[int]):
+        """(prompt token logprobs or None, Generation or None), or None once the client has gone (the job is
+        then cancelled and leaves the batch)."""
+        async def work():
+            plps = None
+            if echo_logprobs and len(ids) > 1:
+                plps = (await sched.submit(lambda: engine.score(ids[:1], [ids[1:]])).result())[0].token_logprobs
+            if params is None:
+                return plps, None
+            c = Collector(params, engine._stops(params))
+            async for deltas in job().items():
+                c.add(deltas)
+            return plps, c.result(len(ids), 0)
 
-        result = asyncio.ensure_future(job.result())
-        watch = asyncio.ensure_future(gone())
+        result = asyncio.ensure_future(work())
+        watch = asyncio.ensure_future(until_gone(request))
         try:
             await asyncio.wait({result, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if result.done():
-                return result.result()
-            return None
+            return result.result() if result.done() else None
         finally:
-            job.cancel()
             watch.cancel()
             if not result.done():
                 result.cancel()
+                try:
+                    await result
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone
+                    pass
 
     def body_of(ids, params, chat, echo, prompt_text, plps, g) -> dict:
         choices = []
@@ -398,11 +407,6 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
             finally:
                 self.job.cancel()
 
-    def admit() -> None:
-        if sched.pending() >= limits.in_flight:
-            raise RequestError(f"the server is busy ({limits.in_flight} requests in flight): retry later",
-                               status=503)
-
     async def handle(request: Request, chat: bool):
         try:
             body = await read_json(request)
@@ -415,20 +419,34 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
             else:
                 ids, text = prompt_ids(body)
                 echo = _get(body, "echo", bool, False)
-            admit()
             if stream:
                 if echo:
                     raise RequestError("echo with stream is not supported", "echo")
-                job = sched.submit(lambda: engine.stream(ids, params))
+                job = sched.submit_decode(ids, params)
                 return JobStream(sse(job, ids, params, chat), job)
-            job = sched.submit(lambda: work(ids, None if echo_only else params, echo and params.logprobs))
-            done = await finish(request, job)
+            jobs = []
+
+            def decode():
+                jobs.append(sched.submit_decode(ids, params))
+                return jobs[-1]
+
+            try:
+                done = await collect(request, decode, None if echo_only else params, echo and params.logprobs, ids)
+            finally:
+                for j in jobs:
+                    j.cancel()
             if done is None:  # the client went away; nobody reads this
                 return _error(499, "client closed the request")
             plps, g = done
             return JSONResponse(body_of(ids, params, chat, echo, text, plps, g))
         except RequestError as e:
             return _error(e.status, str(e), e.param)
+        except Full as e:
+            r = _error(429, str(e), kind="rate_limit_error")
+            r.headers["Retry-After"] = "1"
+            return r
+        except TooLarge as e:
+            return _error(400, str(e))
         except ScalelabError as e:
             return _error(400, str(e))
         except Exception as e:  # a bug: answer 500 in OpenAI's shape and keep serving
@@ -446,7 +464,8 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
                                                          "owned_by": "scalelab"}]})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "in_flight": sched.pending(), "steps": sched.steps})
+        return JSONResponse({"status": "ok", "in_flight": sched.pending(), "steps": sched.steps,
+                             "peak_rows": sched.peak_rows})
 
     async def not_found(request: Request, exc):
         return _error(404, f"no route {request.method} {request.url.path}", kind="not_found_error")

@@ -207,3 +207,49 @@ def test_stop_id_ends_rows(model):
         first = model(torch.tensor([[1, 2, 3]]))[0, -1].argmax().item()
     c = Engine(model, stop_ids=[first]).generate([1, 2, 3], SamplingParams(max_tokens=10, temperature=0)).completions[0]
     assert c.tokens == [] and c.finish_reason == "stop"
+
+
+def test_continuous_batch_matches_each_request_alone():
+    """Requests that join a shared batch at different steps (shorter and longer prompts than the rows already
+    there, so the cache is realigned, compacted and grown), and one removed midway, give each request exactly
+    the tokens it gives alone (per-sample seeds), with logprobs equal to float rounding."""
+    import random
+
+    from scalelab.engine import Batch, Collector
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, context=128, d_model=64, n_layer=2, n_head=4, n_kv_head=2, tie_embeddings=False)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    e = Engine(model, stop_ids=[5])
+    rng = random.Random(0)
+    reqs = []
+    for i in range(8):
+        P = rng.choice([1, 3, 20, 90]) + rng.randint(0, 5)
+        reqs.append(([rng.randrange(300) for _ in range(P)],
+                     SamplingParams(n=rng.randint(1, 3), max_tokens=rng.randint(5, 40), temperature=rng.choice([0, 1.0]),
+                                    seed=i, logprobs=True, top_k=rng.choice([0, 20]), top_p=rng.choice([1.0, 0.9]))))
+    alone = [e.generate(p, sp) for p, sp in reqs]
+    batch, got, handles = Batch(e), {}, {}
+    joins = {0: [0, 1], 2: [2], 5: [3, 4], 9: [5, 6], 30: [7]}
+    for step in range(300):
+        for i in joins.get(step, []):
+            handles[batch.add(*reqs[i])] = i
+            got[i] = Collector(reqs[i][1], set(e.stop_ids))
+        if step == 12:
+            victim = next(h for h, i in handles.items() if i == 5)
+            batch.remove(victim)
+        if not len(batch) and step > 30:
+            break
+        for h, deltas in batch.step().items():
+            got[handles[h]].add(deltas)
+    assert not len(batch)
+    for i in range(8):
+        if i == 5:
+            continue
+        g = got[i].result(len(reqs[i][0]), 0)
+        assert [c.tokens for c in g.completions] == [c.tokens for c in alone[i].completions], i
+        assert [c.finish_reason for c in g.completions] == [c.finish_reason for c in alone[i].completions]
+        for a, b in zip(g.completions, alone[i].completions):
+            assert max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0) < 1e-4
