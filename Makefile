@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-llamacpp clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
+
+# The decode benchmark's baseline: llama.cpp through llama-cpp-python, built from source by pip (needs cmake and a
+# C++ compiler; on 2 busy cores the build takes about an hour), then the benchmark itself.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+bench-llamacpp: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install "$(LLAMA_CPP)"
+	$(PY) benchmarks/decode.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,27 +1,35 @@
-"""Decode speed of the lab's engine vs llama.cpp (llama-cpp-python) on the same GGUF file, side by side.
+"""Decode speed of the lab's engine, per --quant arm, vs llama.cpp (llama-cpp-python) on the same GGUF file.
 
-(a) single-stream greedy decode, tokens/s; (b) 16 samples of one prompt, 128 new tokens each, wall-clock.
-Also: the memory-bandwidth bound for decode (measured read bandwidth ÷ bytes of weights read per step), the
-rate torch's own matrix-vector kernels stream those weights at (what caps an fp32 PyTorch decoder here), and
-our peak RSS (measured before llama.cpp is loaded). Runs are interleaved and repeated; medians are quoted,
-as ratios against llama.cpp measured in the same run (other processes share the cores: absolute numbers are
-noisy). EOS is disabled on both sides so every sample really runs to its token budget.
+(a) single-stream greedy decode, tokens/s; (b) 16 samples of one prompt, 128 new tokens each, wall-clock;
+(c) peak RSS of each arm, measured in a fresh subprocess per arm (load + one (a) and one (b) run) so that one
+arm's peak does not hide another's. Beside each arm's rate: the bytes of weights one decode step reads
+(`quant.weight_bytes`: the matmuls in their stored format and the norms, not the embedding table), the
+memory-bandwidth bound that gives (measured read bandwidth ÷ bytes) and the kernel ceiling (one step's matmuls
+alone, caches flushed: the rate before any other op). Rounds are interleaved (every arm and the baseline in
+each round) and repeated; medians are quoted, as ratios against llama.cpp measured in the same run (other
+processes share the cores: absolute numbers are noisy). EOS is disabled on both sides so every sample runs to
+its token budget. Both sides use the same number of threads (--threads, default torch's).
 
-    .venv/bin/python benchmarks/decode.py [--model smollm2] [--repeats 3] [--tokens 128] [--samples 16]
+    .venv/bin/python benchmarks/decode.py [--model smollm2] [--quant none,int8,int4] [--repeats 3] [--threads N]
+    make bench-llamacpp   # installs llama-cpp-python into .venv (builds llama.cpp: needs cmake and a C++ compiler)
 
-Falls back to transformers' `generate` as the baseline when llama-cpp-python is not installed.
+Falls back to transformers' `generate` as the baseline when llama-cpp-python is not installed. --profile prints
+torch.profiler's top ops for 32 single-stream steps of each quantised arm.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-from scalelab import gguf
+from scalelab import gguf, quant
 from scalelab.engine import Engine, SamplingParams
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
@@ -39,59 +47,100 @@ def bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
     return a.numel() * 4 / statistics.median(times) / 1e9
 
 
-def gemv_gbs(model: torch.nn.Module, reps: int = 9) -> float:
-    """Weight bytes streamed per second by one decode step's matrix-vector products, caches flushed between
-    steps: what torch's CPU kernels reach out of the bandwidth above."""
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+def matmul_ceiling(model: torch.nn.Module, reps: int = 9) -> float:
+    """Steps/s of one decode step's matrix-vector products alone (every nn.Linear / QuantLinear on one row, in
+    the dtype the model runs them in), caches flushed between steps."""
+    mats = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, quant.QuantLinear))]
     flush = torch.ones(64 << 20)
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
+    dt = next(model.parameters()).dtype
+    xs = [torch.randn(1, m.in_features, dtype=dt) for m in mats]
     times = []
     with torch.inference_mode():
         for _ in range(reps):
             flush.sum()
             t0 = time.perf_counter()
-            for w in mats:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
+            for m, x in zip(mats, xs):
+                m(x)
             times.append(time.perf_counter() - t0)
-    return sum(w.numel() * w.element_size() for w in mats) / statistics.median(times) / 1e9
+    return 1 / statistics.median(times)
+
+
+def load(path, arm: str):
+    """An arm: none (fp32), bf16 (no quantisation, bf16), int8 or int4."""
+    if arm == "bf16":
+        return gguf.load(path, dtype=torch.bfloat16)
+    return gguf.load(path, quant=arm)
+
+
+def rss_child(args) -> None:
+    """--rss-of ARM: load, one single-stream and one batched run, print the peak RSS (GiB) as JSON."""
+    gm = load(gguf.resolve(args.model), args.rss_of)
+    eng = Engine(gm.model, stop_ids=[], prefix_cache=0)
+    ids = gm.tokenizer.encode(gguf.render_chat(gm.chat_template, PROMPT)).ids
+    eng.generate(ids, SamplingParams(max_tokens=args.single_tokens, temperature=0))
+    eng.generate(ids, SamplingParams(n=args.samples, max_tokens=args.tokens, temperature=0.8, seed=0))
+    print(json.dumps({"rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)}))
+
+
+def profile(eng: Engine, ids: list[int], steps: int = 32) -> str:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        eng.generate(ids, SamplingParams(max_tokens=steps, temperature=0))
+    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quant", default="none,int8,int4", help="arms: none (fp32) | bf16 | int8 | int4, comma-separated")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--single-tokens", type=int, default=64)
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads (0 = torch's default)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rss-of", default="", help=argparse.SUPPRESS)  # the child of (c)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_of:
+        return rss_child(args)
     threads = torch.get_num_threads()
+    arms = args.quant.split(",")
     path = gguf.resolve(args.model)
-    gm = gguf.load(path, dtype=getattr(torch, args.dtype))
-    eng = Engine(gm.model, stop_ids=[], prefix_cache=0)  # no EOS, no cache between runs: fair to the baseline
+    rss = {}
+    for arm in arms:  # (c) first, each in a fresh process, before this one holds anything
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--rss-of", arm, "--threads",
+                              str(threads), "--tokens", str(args.tokens), "--samples", str(args.samples),
+                              "--single-tokens", str(args.single_tokens)], capture_output=True, text=True, check=True)
+        rss[arm] = json.loads(out.stdout.strip().splitlines()[-1])["rss_gib"]
+    models = {arm: load(path, arm) for arm in arms}
+    gm = next(iter(models.values()))
+    engines = {arm: Engine(m.model, stop_ids=[], prefix_cache=0) for arm, m in models.items()}
     text = gguf.render_chat(gm.chat_template, PROMPT)
     ids = gm.tokenizer.encode(text).ids
 
-    def ours_single() -> tuple[float, int]:
+    def ours_single(arm: str) -> tuple[float, int]:
         t0 = time.perf_counter()
-        g = eng.generate(ids, SamplingParams(max_tokens=args.single_tokens, temperature=0))
+        g = engines[arm].generate(ids, SamplingParams(max_tokens=args.single_tokens, temperature=0))
         return time.perf_counter() - t0, g.completion_tokens
 
-    def ours_batch(seed: int) -> tuple[float, int]:
+    def ours_batch(arm: str, seed: int) -> tuple[float, int]:
         t0 = time.perf_counter()
-        g = eng.generate(ids, SamplingParams(n=args.samples, max_tokens=args.tokens, temperature=0.8, seed=seed))
+        g = engines[arm].generate(ids, SamplingParams(n=args.samples, max_tokens=args.tokens, temperature=0.8,
+                                                      seed=seed))
         return time.perf_counter() - t0, g.completion_tokens
-
-    ours_single()  # warm-up
-    rounds = {"ours_a": [ours_single()], "ours_b": [ours_batch(0)]}
-    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
     try:
         from llama_cpp import Llama
 
-        llm = Llama(str(path), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False, seed=0)
+        llm = Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
+                    seed=0)
         no_eos = {i: -1e9 for i in gm.stop_ids}
-        base_name = f"llama.cpp (llama-cpp-python, {threads} threads, its own Q4_1 kernels)"
+        import llama_cpp
+
+        base_name = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}, {threads} threads, its own kernels)"
 
         def base_single() -> tuple[float, int]:
             t0 = time.perf_counter()
@@ -111,7 +160,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-        base_name = "transformers generate (llama-cpp-python not installed)"
+        base_name = "transformers generate, fp32 (llama-cpp-python not installed: make bench-llamacpp)"
         x = torch.tensor([ids])
 
         def base_single() -> tuple[float, int]:
@@ -130,15 +179,17 @@ def main() -> None:
                                   pad_token_id=0)
             return time.perf_counter() - t0, (out.shape[1] - x.shape[1]) * args.samples
 
-    base_single()  # warm-up
-    rounds.update(base_a=[], base_b=[])
-    for r in range(args.repeats):  # interleaved
+    base_single()  # warm-ups
+    for arm in arms:
+        ours_single(arm)
+    rounds: dict[str, list] = {k: [] for k in ["base_a", "base_b", *(f"{a}_a" for a in arms), *(f"{a}_b" for a in arms)]}
+    for r in range(args.repeats):  # interleaved: every arm and the baseline in every round
         rounds["base_a"].append(base_single())
-        if r:
-            rounds["ours_a"].append(ours_single())
+        for arm in arms:
+            rounds[f"{arm}_a"].append(ours_single(arm))
         rounds["base_b"].append(base_batch(r))
-        if r:
-            rounds["ours_b"].append(ours_batch(r))
+        for arm in arms:
+            rounds[f"{arm}_b"].append(ours_batch(arm, r))
 
     def rate(key: str) -> float:
         return statistics.median(n / t for t, n in rounds[key])
@@ -146,22 +197,28 @@ def main() -> None:
     def wall(key: str) -> float:
         return statistics.median(t for t, _ in rounds[key])
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in gm.model.parameters())  # tied: counted once
+    bw = bandwidth_gbs()
     file_bytes = path.stat().st_size
-    bw, mv = bandwidth_gbs(), gemv_gbs(gm.model)
-    print(f"model {gm.name} ({path.name}), {args.dtype}, {threads} threads; baseline: {base_name}")
-    print(f"prompt {len(ids)} tokens; medians of {args.repeats} interleaved rounds")
-    print(f"(a) single-stream greedy, {args.single_tokens} tokens: ours {rate('ours_a'):.1f} tok/s, "
-          f"baseline {rate('base_a'):.1f} tok/s, ratio {rate('ours_a') / rate('base_a'):.2f}x (target >= 0.5x)")
-    print(f"(b) {args.samples} samples x {args.tokens} tokens: ours {wall('ours_b'):.1f} s "
-          f"({rate('ours_b'):.0f} tok/s), baseline {wall('base_b'):.1f} s ({rate('base_b'):.0f} tok/s), "
-          f"speed ratio {wall('base_b') / wall('ours_b'):.2f}x (target >= 1.0x)")
-    print(f"memory read bandwidth {bw:.1f} GB/s; bytes per decode step: ours {weight_bytes / 1e6:.0f} MB "
-          f"({args.dtype} weights) -> bound {bw * 1e9 / weight_bytes:.0f} steps/s; llama.cpp ~{file_bytes / 1e6:.0f} MB "
-          f"(Q4_1 file) -> bound {bw * 1e9 / file_bytes:.0f} steps/s")
-    print(f"torch's {args.dtype} matrix-vector products stream the weights at {mv:.1f} GB/s here (cold caches) -> "
-          f"{mv * 1e9 / weight_bytes:.0f} steps/s for the matmuls alone, before any other op")
-    print(f"peak RSS (ours, before the baseline loads): {rss_gib:.2f} GiB (target < 1.5 GiB)")
+    print(f"model {gm.name} ({path.name}), {threads} threads; baseline: {base_name}")
+    print(f"prompt {len(ids)} tokens; medians of {args.repeats} interleaved rounds; memory read bandwidth "
+          f"{bw:.1f} GB/s; llama.cpp reads ~{file_bytes / 1e6:.0f} MB per step (the file) -> bound "
+          f"{bw * 1e9 / file_bytes:.0f} steps/s")
+    print(f"baseline: (a) {rate('base_a'):.1f} tok/s; (b) {wall('base_b'):.1f} s ({rate('base_b'):.0f} tok/s)")
+    print("| arm | (a) tok/s | (a) vs llama.cpp | (b) s | (b) speed vs llama.cpp | (c) peak RSS GiB | "
+          "MB/step | bandwidth bound steps/s | matmul ceiling steps/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for arm in arms:
+        m = models[arm].model
+        mb = quant.weight_bytes(m)
+        print(f"| {arm} | {rate(arm + '_a'):.1f} | {rate(arm + '_a') / rate('base_a'):.2f}x | {wall(arm + '_b'):.1f} | "
+              f"{wall('base_b') / wall(arm + '_b'):.2f}x | {rss[arm]:.2f} | {mb / 1e6:.0f} | {bw * 1e9 / mb:.0f} | "
+              f"{matmul_ceiling(m):.0f} |")
+    print("targets (int4): (a) >= 0.7x, (b) >= 2x, (c) <= 0.5 GiB")
+    if args.profile:
+        for arm in arms:
+            if arm not in ("none", "bf16"):
+                print(f"--- {arm}: torch.profiler, 32 single-stream steps, top ops by self CPU time")
+                print(profile(engines[arm], ids))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,23 @@ class Backend(Protocol):
     def score(self, prompt: str, continuations: list[str]) -> list[Score]: ...
 
 
+def generate_many(backend: Backend, requests: list[tuple[Prompt, SamplingParams]]) -> list[Response | BackendError]:
+    """`backend.generate` for each request, batched when the backend can (local: one continuous batch;
+    openai: concurrent requests); the answers are the same as one by one. Each entry is the Response or the
+    `BackendError` of that request, so the caller keeps whatever finished before a failure."""
+    many = getattr(backend, "generate_many", None)
+    if many is not None:
+        return many(requests)
+    out: list[Response | BackendError] = []
+    for p, s in requests:
+        try:
+            out.append(backend.generate(p, s))
+        except BackendError as e:
+            out.append(e)
+            break
+    return out
+
+
 def _check_messages(messages: list) -> None:
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
                                 for m in messages):
@@ -99,11 +116,16 @@ class LocalBackend:
     """The lab's engine over a GGUF file (`smollm2` or a path) or a lab run directory."""
 
     def __init__(self, model: str | Path = "smollm2", dtype: str = "float32", prefix_cache: int = 8,
-                 truncate: bool = False, stop_as_ids: bool = False):
+                 truncate: bool = False, stop_as_ids: bool = False, quant: str = "auto"):
         import torch
+
+        from scalelab import quant as quantmod
 
         if dtype not in ("float32", "bfloat16"):
             raise BackendError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+        if quant not in ("auto", *quantmod.MODES):
+            raise BackendError(f"--quant must be auto, {', '.join(quantmod.MODES)}; got {quant!r}")
+        # dtype is for --quant none; the int8/int4 kernels compute in bfloat16 (the rest of the model with them)
         self.dtype = getattr(torch, dtype)
         self.truncate, self.stop_as_ids, self.price = truncate, stop_as_ids, "local"
         path = Path(str(model))
@@ -111,7 +133,10 @@ class LocalBackend:
             from scalelab import checkpoint, tokenizer as tokmod
 
             self.run_cfg, net = checkpoint.load_run(path)
-            net = net.to(self.dtype)
+            self.quant = "none" if quant == "auto" else quant  # a run's weights are float: quantised on request
+            if self.quant != "none" and self.run_cfg.diffusion.block_size:
+                raise BackendError(f"--quant {self.quant} is not supported for BD3-LM runs ({path}): use --quant none")
+            net = quantmod.quantize(net, self.quant) if self.quant != "none" else net.to(self.dtype)
             self.tokenizer = tokmod.load(path / "tokenizer.json")
             eot = tokmod.eot_id(self.tokenizer)
             # A run's documents are separated by end-of-text: every prompt starts a new document.
@@ -121,7 +146,8 @@ class LocalBackend:
             from scalelab import gguf
 
             self.run_cfg = None
-            gm = gguf.load(str(model), dtype=self.dtype)
+            gm = gguf.load(str(model), dtype=self.dtype, quant=quant)
+            self.quant = gm.quant
             net, self.tokenizer = gm.model, gm.tokenizer
             self.chat_template, self.bos_id, self.add_bos = gm.chat_template or PLAIN_CHAT, gm.bos_id, gm.add_bos
             stops, self.name = gm.stop_ids, str(model) if str(model) == "smollm2" else path.stem
@@ -203,6 +229,54 @@ class LocalBackend:
         conts = [self.tokens(c) for c in continuations]
         with self.lock:
             return self.engine.score(self.encode(prompt), conts)
+
+    def generate_many(self, requests: list[tuple[Prompt, SamplingParams]], max_rows: int = 64,
+                      kv_mib: float = 1024.0) -> list[Response | BackendError]:
+        """Many generations decoded together in one continuous batch (a search problem's verifications, a
+        round's tie-breaks): each Response is what `generate` gives for that request alone (per-sample seeds),
+        at most `max_rows` sequences and `kv_mib` of KV cache at once, the rest joining as rows free up. (The
+        engine cannot fail one request of a batch alone: a bad request is an error for the whole call.)"""
+        from scalelab.engine import Batch, Collector
+
+        reqs = []
+        for prompt, params in requests:
+            params.validate()
+            reqs.append((self._fit(self.prompt_ids(prompt), 1), params))
+        stop_tokens = [[self.tokens(s) for s in params.stop] for _, params in reqs]
+        fast = self.stop_as_ids and all(len(t) == 1 for st in stop_tokens for t in st)
+        engine = self.fast if fast else self.engine
+        if fast:
+            reqs = [(ids, SamplingParams(**{**params.__dict__, "stop": (),
+                                            "stop_ids": [*params.stop_ids, *(t[0] for t in st)]}))
+                    for (ids, params), st in zip(reqs, stop_tokens)]
+        cfg = self.model.cfg
+        position_bytes = 2 * cfg.n_layer * cfg.n_kv_head * (cfg.d_model // cfg.n_head) * engine.dtype.itemsize
+        budget = kv_mib * 2 ** 20 / position_bytes
+        need = [p.n * (len(ids) + min(p.max_tokens, cfg.context - len(ids))) for ids, p in reqs]
+        out: list[Response | None] = [None] * len(reqs)
+        collectors = [Collector(p, engine._stops(p)) for _, p in reqs]
+        with self.lock:
+            batch, live, nxt = Batch(engine), {}, 0
+            while nxt < len(reqs) or live:
+                while nxt < len(reqs) and (not live or (batch.live_rows + reqs[nxt][1].n <= max_rows
+                                                        and sum(need[i] for i in live.values()) + need[nxt] <= budget)):
+                    live[batch.add(*reqs[nxt])] = nxt
+                    nxt += 1
+                for req, deltas in batch.step().items():
+                    i = live[req]
+                    collectors[i].add(deltas)
+                    if req.done:
+                        del live[req]
+                        ids, p = reqs[i]
+                        g = collectors[i].result(len(ids), req.cached)
+                        if fast:
+                            for c in g.completions:
+                                c.text = self.tokenizer.decode(c.tokens)
+                        out[i] = Response([Choice(c.text, c.finish_reason, c.tokens, c.logprobs,
+                                                  len(c.tokens) + (c.finish_reason == "stop")) for c in g.completions],
+                                          g.prompt_tokens, g.completion_tokens, g.cached_tokens, p.n * len(ids),
+                                          self.name)
+        return out
 
     def stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator:
         """Engine deltas for already-tokenized input, holding the engine for the whole stream."""
@@ -325,6 +399,18 @@ class OpenAIBackend:
 
         return self._collect(self.client.completions.create, dict(kw, prompt=prompt), params.n, parse)
 
+    def generate_many(self, requests: list[tuple[Prompt, SamplingParams]]) -> list[Response | BackendError]:
+        """Many generations at once: `concurrency` requests in flight, so a batching server decodes them
+        together. Each entry is the Response or the BackendError of that request."""
+        def one(r):
+            try:
+                return self.generate(*r)
+            except BackendError as e:
+                return e
+
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return list(pool.map(one, requests))
+
     def prob_yes(self, prompt: Prompt, yes: str, no: str) -> Response:
         """P(yes) among {yes, no} from the top-20 logprobs of one greedy token."""
         if isinstance(prompt, list):
@@ -393,10 +479,15 @@ def price_name(spec: str) -> str:
 
 
 def make_backend(spec: str, *, retries: int = 3, timeout: float = 600.0, dtype: str = "float32",
-                 truncate: bool = False, stop_as_ids: bool = False) -> Backend:
-    """`smollm2`, `FILE.gguf`, `RUN_DIR` or `openai:<url>#<model>` (`local:`/`run:` prefixes: aliases)."""
+                 truncate: bool = False, stop_as_ids: bool = False, quant: str = "auto") -> Backend:
+    """`smollm2`, `FILE.gguf`, `RUN_DIR` or `openai:<url>#<model>` (`local:`/`run:` prefixes: aliases).
+    quant: auto | none | int8 | int4 for local models (`LocalBackend`); a server quantises its own."""
     if not isinstance(spec, str) or not spec:
         raise BackendError(f"a backend spec is needed: {SPEC_HELP}")
+    if quant not in ("auto", "none", "int8", "int4"):
+        raise BackendError(f"--quant must be auto, none, int8 or int4; got {quant!r}")
+    if is_remote(spec) and quant not in ("auto", "none"):
+        raise BackendError(f"--quant {quant} is for local models; {spec} is a server")
     if is_remote(spec):
         rest = spec[len("openai:"):]
         if "#" not in rest:
@@ -412,7 +503,7 @@ def make_backend(spec: str, *, retries: int = 3, timeout: float = 600.0, dtype: 
 
         if path not in gguf.DEFAULT_MODELS:
             raise BackendError(f"unknown backend {spec!r}: use {SPEC_HELP}")
-    return LocalBackend(path, dtype=dtype, truncate=truncate, stop_as_ids=stop_as_ids)
+    return LocalBackend(path, dtype=dtype, truncate=truncate, stop_as_ids=stop_as_ids, quant=quant)
 
 
 # =========================================================================================== one sample command
@@ -424,7 +515,8 @@ class Samples:
 
 def sample(spec: str, prompt: str, n: int = 1, max_tokens: int | None = None, temperature: float | None = None,
            top_p: float | None = None, top_k: int = 0, seed: int = 0, stop: list[str] | tuple = (),
-           chat: bool | None = None, dtype: str = "float32", mode: str = "auto", steps: int | None = None) -> Samples:
+           chat: bool | None = None, dtype: str = "float32", mode: str = "auto", steps: int | None = None,
+           quant: str = "auto") -> Samples:
     """What `scalelab sample` does for any model: BD3-LM runs sample block by block (diffusion.bd3_generate);
     everything else goes through its Backend. Defaults depend on the model: lab runs continue raw text at
     T 0.8 / top-p 0.95 (BD3: T 1.0, diffusion.top_p); chat models and servers answer a chat turn at T 0.7."""
@@ -442,6 +534,8 @@ def sample(spec: str, prompt: str, n: int = 1, max_tokens: int | None = None, te
         if mode == "bd3" and not block:
             raise BackendError(f"run {run_dir} is an autoregressive run; sample it with --mode ar or auto")
         if block:
+            if quant not in ("auto", "none"):
+                raise BackendError(f"--quant {quant} is not supported for BD3-LM runs ({run_dir}): use --quant none")
             t = 1.0 if temperature is None else temperature
             return _sample_bd3(run_dir, rcfg, prompt, n, 200 if max_tokens is None else max_tokens, t,
                                rcfg.diffusion.top_p if top_p is None else top_p, top_k, seed, steps)
@@ -456,7 +550,7 @@ def sample(spec: str, prompt: str, n: int = 1, max_tokens: int | None = None, te
                             temperature=defaults[1] if temperature is None else temperature,
                             top_p=defaults[2] if top_p is None else top_p, top_k=top_k, seed=seed, stop=list(stop))
     params.validate()
-    backend = make_backend(spec, dtype=dtype, timeout=60.0)
+    backend = make_backend(spec, dtype=dtype, timeout=60.0, quant=quant)
     r = backend.generate([{"role": "user", "content": prompt}] if chat else prompt, params)
     return Samples([(c.text if chat else prompt + c.text, c.finish_reason) for c in r.choices],
                    (r.prompt_tokens, r.completion_tokens))

@@ -6,6 +6,7 @@ Shell completion: `scalelab --install-completion`.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -31,7 +32,10 @@ app.add_typer(sweep_app, name="sweep")
 app.add_typer(search_app, name="search")
 
 MODEL_HELP = "smollm2, a .gguf file, a run directory, or openai:<url>#<model>"
-DTYPE_HELP = "float32 (default) or bfloat16 (faster, changes answers)"
+DTYPE_HELP = "float32 (default) or bfloat16 (faster, changes answers); for --quant none (int8/int4 run in bfloat16)"
+QUANT_HELP = ("auto (default: int4 for GGUF files whose matmuls are Q4_0/Q4_1/Q8_0, e.g. smollm2, which keeps their "
+              "blocks exactly and measured KL 0.001 nats/token vs fp32; none otherwise) | none (fp32, or --dtype) | "
+              "int8 | int4: weight-only CPU kernels, bfloat16 activations")
 BF16_WARNING = ("warning: bfloat16 roughly doubles CPU decode speed, but in the measurement behind scalelab's issue 5 "
                 "(SmolLM2-135M on a 2-core CPU) it moved the logits by up to 1.2 and changed 27 of 50 greedy "
                 "answers; float32 is the reference")
@@ -51,9 +55,11 @@ def train(
 ) -> None:
     """Train a model from a recipe into a run directory."""
     from scalelab import config, distributed, report, train as trainmod
+    from scalelab.model import check_memory
 
     logmod.setup()
     cfg = config.load(recipe, [*(set_ or []), *([f"distributed.strategy={strategy}"] if strategy else [])])
+    check_memory(cfg)  # before the data, the tokenizer or any tensor
     run_dir = out or Path("runs") / cfg.name
     summary = trainmod.train(cfg, run_dir, resume=resume, progress=not quiet)
     if distributed.env_rank() != 0:  # under torchrun, rank 0 writes the report and speaks
@@ -127,6 +133,7 @@ def sample(
     base_url: Annotated[Optional[str], typer.Option(help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 "
                                                     "(= --model openai:<url>#default; key from $OPENAI_API_KEY)")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "auto",
     mode: Annotated[str, typer.Option(help="auto (from the run) | ar | bd3; a mismatch with the run is an error")] = "auto",
     steps: Annotated[Optional[int], typer.Option(help="BD3: denoising steps per block, 1..block size "
                                                       "(default diffusion.sample_steps, 0 = block size)")] = None,
@@ -139,7 +146,8 @@ def sample(
         print(BF16_WARNING, file=sys.stderr)
     spec = f"openai:{base_url}#{model if model != 'smollm2' else 'default'}" if base_url else model
     r = backends.sample(spec, prompt, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                         top_k=top_k, seed=seed, stop=stop or [], chat=chat, dtype=dtype, mode=mode, steps=steps)
+                         top_k=top_k, seed=seed, stop=stop or [], chat=chat, dtype=dtype, mode=mode, steps=steps,
+                         quant=quant)
     for i, (text, finish) in enumerate(r.samples):
         if n > 1:
             typer.echo(f"--- sample {i + 1} ({finish}) ---")
@@ -160,6 +168,7 @@ def chat(
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass; 1 = off")] = 0.95,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "auto",
 ) -> None:
     """Talk to a local model, streaming its replies (empty line or Ctrl-D ends)."""
     from scalelab.backends import LocalBackend
@@ -169,7 +178,7 @@ def chat(
     params.validate()
     if dtype == "bfloat16":
         print(BF16_WARNING, file=sys.stderr)
-    backend = LocalBackend(model, dtype=dtype)
+    backend = LocalBackend(model, dtype=dtype, quant=quant)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -445,8 +454,14 @@ def mcp_command(
 
 
 # ============================================================================================= entry
+@functools.cache
+def _command():
+    """The click command of `app`, built once (0.2 s): in-process callers (tests, the fuzz harness) call main often."""
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None) -> None:
-    command = typer.main.get_command(app)
+    command = _command()
     try:
         command.main(args=argv, prog_name="scalelab", standalone_mode=False)
     except ScalelabError as e:

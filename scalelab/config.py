@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 from scalelab.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm", "dyt")
+DTYPES = ("auto", "float32", "bfloat16")  # train.dtype
 
 
 @dataclass
@@ -77,7 +81,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (faster steps on CPU after a one-off compile)
     threads: int = 0  # 0 = torch's default
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
-    bf16: bool = True  # bf16 autocast on CUDA (CPU always trains in fp32)
+    # The compute dtype: float32, or bfloat16 = bf16 autocast with fp32 master weights, gradients and AdamW
+    # state (CPU and CUDA). auto = bfloat16 on CUDA, float32 on CPU (bitwise reproducible). The run's
+    # config.toml records the resolved value. The deprecated `train.bf16` is read as an alias (see from_dict).
+    dtype: str = "auto"
     probe_every: int = 0  # > 0: every N steps, each norm's input RMS (and DyT saturation) -> probes.jsonl
 
 
@@ -183,6 +190,8 @@ def from_dict(d: dict[str, Any]) -> Config:
             raise ConfigError(f"unknown config section {section!r} (known: name, {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a table")
+        if section == "train" and "bf16" in values:
+            values = _bf16_alias(values)
         obj = getattr(cfg, section)
         known = {f.name for f in dataclasses.fields(obj)}
         for key, value in values.items():
@@ -191,6 +200,26 @@ def from_dict(d: dict[str, Any]) -> Config:
             setattr(obj, key, _coerce(section, key, value, getattr(obj, key)))
     validate(cfg)
     return cfg
+
+
+_bf16_warned = False
+
+
+def _bf16_alias(train: dict[str, Any]) -> dict[str, Any]:
+    """The deprecated `train.bf16` (to be removed in the next release) as `train.dtype`: bf16 = false is
+    dtype = float32 and bf16 = true is dtype = auto (bfloat16 on CUDA, float32 on CPU: what the switch did),
+    unless train.dtype is given as float32 or bfloat16, which wins. Warns once per process."""
+    global _bf16_warned
+    train = dict(train)
+    bf16 = _coerce("train", "bf16", train.pop("bf16"), True)
+    if train.get("dtype", "auto") == "auto":
+        train["dtype"] = "auto" if bf16 else "float32"
+    if not _bf16_warned:
+        _bf16_warned = True
+        logging.getLogger("scalelab").warning(
+            "train.bf16 is deprecated; use train.dtype (bf16=true means dtype=auto: bfloat16 on CUDA, "
+            "float32 on CPU; bf16=false means dtype=float32; an explicit train.dtype wins)")
+    return train
 
 
 def make_section(cls: type, section: str, values: dict[str, Any]) -> Any:
@@ -210,14 +239,18 @@ def section_values(section: str, path: Path | None, overrides: list[str]) -> dic
     d: dict[str, Any] = {}
     if path is not None:
         try:
-            t = tomllib.loads(Path(path).read_text())
+            t = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, or int()'s limit of 4300 digits
+            raise ConfigError(f"{path} is not valid TOML: {str(e).splitlines()[0]}") from None
         extra = [k for k in t if k != section]
         if extra:
             raise ConfigError(f"{path}: unknown table or key {extra[0]!r} (expected a [{section}] table)")
+        if not isinstance(t.get(section, {}), dict):
+            raise ConfigError(f"{path}: {section} must be a [{section}] table")
         d.update(t.get(section, {}))
     for item in overrides:
         parts, value = _parse_override(item)
@@ -238,7 +271,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set key must look like section.key, got {key!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError (or an integer too long for int())
         value = raw  # bare strings need no quotes on the command line
     return parts, value
 
@@ -272,9 +305,9 @@ def load(recipe: str | Path | None, overrides: list[str] | None = None) -> Confi
     if recipe is not None:
         path = recipe_path(recipe)
         try:
-            d = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
+            d = tomllib.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, or int()'s limit of 4300 digits
+            raise ConfigError(f"recipe {path} is not valid TOML: {str(e).splitlines()[0]}") from None
         d.setdefault("name", path.stem)
     for item in overrides or []:
         parts, value = _parse_override(item)
@@ -303,6 +336,8 @@ def validate(cfg: Config) -> None:
                         ("train.ckpt_every", t.ckpt_every), ("train.keep_last", t.keep_last),
                         ("train.log_every", t.log_every)]:
         need(value >= 1, f"{name} must be >= 1, got {value}")
+    for name in ("context", "d_model", "n_layer", "n_head", "n_kv_head", "ffn_hidden"):  # (memory runs out long before)
+        need(getattr(m, name) < 2**31, f"model.{name} must be < 2^31, got {getattr(m, name)}")
     need(m.d_model % m.n_head == 0, f"model.n_head ({m.n_head}) must divide model.d_model ({m.d_model})")
     need(m.n_head % m.n_kv_head == 0, f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
     need((m.d_model // m.n_head) % 2 == 0, f"head size d_model/n_head = {m.d_model // m.n_head} must be even for RoPE")
@@ -318,6 +353,8 @@ def validate(cfg: Config) -> None:
     need(257 <= dcfg.vocab_size, f"data.vocab_size must be >= 257 (byte-level BPE has 256 base tokens + end-of-text), got {dcfg.vocab_size}")
     need(0 < dcfg.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {dcfg.val_fraction}")
     need(dcfg.max_bytes >= 0, f"data.max_bytes must be >= 0, got {dcfg.max_bytes}")
+    need("".join(dcfg.loss_after.splitlines()) == dcfg.loss_after,
+         f"data.loss_after marks a place within a line, so it cannot hold a line break, got {dcfg.loss_after!r}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     need(0 <= t.warmup_steps <= t.max_steps, f"train.warmup_steps must be in [0, max_steps], got {t.warmup_steps}")
@@ -327,10 +364,46 @@ def validate(cfg: Config) -> None:
     need(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     need(t.schedule in ("cosine", "fms"), f"train.schedule must be cosine or fms, got {t.schedule!r}")
     need(t.probe_every >= 0, f"train.probe_every must be >= 0, got {t.probe_every}")
+    need(t.dtype in DTYPES, f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     _validate_diffusion(cfg)
     _validate_distributed(cfg)
-    need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+    need(t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", t.device) is not None,
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+BYTES_PER_PARAM = 16  # training in fp32: weights, gradients and AdamW's two moments, 4 bytes each
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to a new allocation (MemAvailable of /proc/meminfo, else the free pages); None
+    when this system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(n: int) -> str:
+    """A byte count for people, of any size (a config can ask for an astronomically large model)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    i = min(len(units) - 1, (max(n, 1).bit_length() - 1) // 10)
+    if n >= 1024 ** i * 10**6:
+        return f"2^{n.bit_length() - 1} bytes"
+    return f"{n / 1024 ** i:,.1f} {units[i]}"
+
+
+def _count(n: int) -> str:
+    if n < 10**15:
+        return f"{n:,}"
+    k = int(math.log10(n))
+    return f"about {n / 10 ** k:.1f}e{k}"
 
 
 def parse_widths(spec: str) -> list[float]:

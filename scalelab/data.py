@@ -32,7 +32,7 @@ import torch
 
 from scalelab import tokenizer as tokmod
 from scalelab.config import DataConfig
-from scalelab.errors import DataError
+from scalelab.errors import CheckpointError, DataError
 
 CACHE_VERSION = 3
 PIECE_BYTES = 16384
@@ -189,6 +189,9 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
         raise DataError(f"corpus {cfg.corpus!r} has no UTF-8 text documents"
                         + (f" ({corpus.skipped_non_utf8} non-UTF-8 files skipped)" if corpus.skipped_non_utf8 else ""))
     train, val = split_docs(corpus, cfg.val_fraction, cfg.max_bytes)
+    marker = cfg.loss_after
+    if marker and not any(marker in t for t in train):  # a cheap scan, before minutes of tokenizer training
+        raise DataError(f"no line of the corpus's training split holds the data.loss_after marker {marker!r}")
     key = hashlib.sha256(json.dumps([CACHE_VERSION, cfg.vocab_size, cfg.val_fraction, cfg.max_bytes,
                                      cfg.loss_after]).encode())
     for t in train + [""] + val:
@@ -206,7 +209,6 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
         if log:
             log(f"training a {cfg.vocab_size}-token BPE on {len(train)} documents "
                 f"({sum(map(len, train)) / 1e6:.1f} MB); cached for next time")
-        marker = cfg.loss_after
         tok = tokmod.train_bpe([t.replace(marker, "") for t in train] if marker else train, cfg.vocab_size)
         tok.save(str(tmp / "tokenizer.json"))
         eot = tokmod.eot_id(tok)
@@ -217,8 +219,6 @@ def prepare(cfg: DataConfig, log=None) -> Prepared:
                 ids, mask, nbytes = _encode_masked(tok, texts, marker, eot)
                 np.asarray(mask, dtype=np.uint8).tofile(tmp / f"{split}.mask")
                 meta[split] = {"docs": len(texts), "bytes": nbytes, "tokens": int(sum(k & 1 for k in mask)), "all_tokens": len(ids)}
-                if split == "train" and not any(marker in t for t in texts):
-                    raise DataError(f"no line of the corpus holds the data.loss_after marker {marker!r}")
             else:
                 ids = []
                 for i in range(0, len(texts), 512):
@@ -298,7 +298,12 @@ class Batches:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state(self, s: dict) -> None:
-        self.epoch, self.index = int(s["epoch"]), int(s["index"])
+        """Restore a position from `state()` (a checkpoint's `data`); anything else is a CheckpointError."""
+        pos = [s.get(k) for k in ("epoch", "index")] if isinstance(s, dict) else [None]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos):
+            raise CheckpointError(f"the checkpoint's data position is corrupt: {str(s)[:60]} (state.json needs "
+                                  "non-negative integers data.epoch and data.index)")
+        self.epoch, self.index = pos
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (x, y), both (B, T) int64, with y the next tokens of x (-100 where `mask` says no loss)."""

@@ -6,8 +6,12 @@ module reads one with the `gguf` package and builds `model.Transformer` from it,
 as the lab's own checkpoints.
 
 Notable choices:
-- Quantised tensors are dequantised once at load time (fp32 by default, bf16 on request): the lab's model is
-  a plain PyTorch model; nothing here computes in a quantised format.
+- `quant="none"`: quantised tensors are dequantised once at load time (fp32 by default, bf16 on request) into
+  a plain PyTorch model. `quant="int4"` keeps the matmul weights quantised for torch's weight-only kernels
+  (quant.py): Q4_0/Q4_1 blocks map exactly onto int4 groups of 32 and Q8_0 blocks onto two int4 planes (up to
+  bf16 rounding of the block scales), float tensors are rounded to int4; other types are refused. `int8`
+  requantises every matmul per output channel from the dequantised values. `auto` is int4 for files whose
+  matmuls are all Q4_0/Q4_1/Q8_0 (SmolLM2's), else none.
 - llama.cpp's converter permutes the rows of Q and K so that its interleaved ("NORM") RoPE matches HF's
   rotate-half RoPE; we undo that permutation, as transformers' own GGUF loader does, because model.py uses
   the rotate-half layout. `save_gguf` applies it, so a lab checkpoint round-trips through llama.cpp's format.
@@ -24,6 +28,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import mmap
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +40,7 @@ import torch
 from scalelab.config import ModelConfig
 from scalelab.errors import ScalelabError
 from scalelab.model import Transformer
+from scalelab.quant import QuantLinear, check_mode, finish_head, int4_fits
 
 log = logging.getLogger("scalelab")
 
@@ -45,6 +53,12 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+# --quant int4 keeps these types of matmul tensors exactly (up to bf16 rounding of the block scales): Q4_0/Q4_1
+# as int4 groups of 32, Q8_0 as two int4 planes (`QuantLinear.q8_0`); float tensors by round-to-nearest int4.
+INT4_EXACT = ("Q4_0", "Q4_1", "Q8_0")
+INT4_TYPES = (*INT4_EXACT, "F32", "F16", "BF16")
+_MATMULS = ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight", "mlp.w1.weight",
+            "mlp.w2.weight", "mlp.w3.weight", "lm_head.weight")
 
 
 class GGUFError(ScalelabError):
@@ -65,6 +79,7 @@ class GGUFModel:
     stop_ids: list[int] = field(default_factory=list)  # ids that end a reply (EOS, EOT, <|im_end|>, ...)
     name: str = ""
     path: str = ""
+    quant: str = "none"  # what `load` did to the matmuls (auto resolved)
 
 
 def default_path(name: str = "smollm2") -> Path:
@@ -126,47 +141,110 @@ def _require(reader, key: str):
     return v
 
 
+def _int(reader, key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer metadata value >= minimum (`default` when the key is absent; required when default is None)."""
+    v = _require(reader, key) if default is None else _field(reader, key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise GGUFError(f"GGUF metadata {key} = {v!r} is invalid: expected an integer >= {minimum}")
+    return v
+
+
+def _float(reader, key: str, default: float, positive: bool = True) -> float:
+    """A finite number from the metadata (> 0 when `positive`)."""
+    v = _field(reader, key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or (positive and v <= 0):
+        raise GGUFError(f"GGUF metadata {key} = {v!r} is invalid: expected a finite number"
+                        + (" > 0" if positive else ""))
+    return float(v)
+
+
+def _str(reader, key: str, default: str | None = None) -> str | None:
+    v = _field(reader, key, default)
+    if v is not None and not isinstance(v, str):
+        raise GGUFError(f"GGUF metadata {key} = {v!r} is invalid: expected a string")
+    return v
+
+
+def _str_list(reader, key: str) -> list[str]:
+    v = _require(reader, key)
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise GGUFError(f"GGUF metadata {key} is invalid: expected an array of strings")
+    return v
+
+
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_types(reader) -> None:
+    bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in QUANT_TYPES})
+    if bad:
+        raise GGUFError(f"unsupported quantisation type {', '.join(bad)} (supported: {', '.join(QUANT_TYPES)})")
+
+
+def _block_count(reader, key: str) -> int:
+    """`key` (block_count), which must number the file's blk.N tensors: checked before anything is sized by it."""
+    n = _int(reader, key)
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := _BLOCK.match(t.name))}
+    if len(blocks) != n or (blocks and max(blocks) != n - 1):
+        raise GGUFError(f"GGUF metadata {key} = {n} but the file has tensors for {len(blocks)} blocks"
+                        + (f" (numbered up to {max(blocks)})" if blocks else ""))
+    return n
+
+
 def read_config(reader) -> ModelConfig:
-    """Model hyper-parameters from the GGUF metadata."""
+    """Model hyper-parameters from the GGUF metadata, checked against each other and the tensors."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"unsupported architecture {arch!r}: scalelab loads Llama-family GGUF files "
                         f"(general.architecture = {' | '.join(ARCHITECTURES)})")
     p = f"{arch}."
-    d_model = int(_require(reader, p + "embedding_length"))
-    n_head = int(_require(reader, p + "attention.head_count"))
-    n_kv = int(_field(reader, p + "attention.head_count_kv", n_head))
+    _check_types(reader)
+    d_model = _int(reader, p + "embedding_length")
+    n_head = _int(reader, p + "attention.head_count")
+    n_kv = _int(reader, p + "attention.head_count_kv", n_head)
+    if d_model % n_head:
+        raise GGUFError(f"GGUF metadata {p}attention.head_count = {n_head} does not divide "
+                        f"{p}embedding_length = {d_model}")
+    if n_head % n_kv:
+        raise GGUFError(f"GGUF metadata {p}attention.head_count_kv = {n_kv} does not divide "
+                        f"{p}attention.head_count = {n_head}")
     head_dim = d_model // n_head
+    if head_dim % 2:
+        raise GGUFError(f"GGUF metadata {p}embedding_length/{p}attention.head_count = {head_dim} is odd: "
+                        "RoPE needs an even head size")
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        v = _field(reader, p + key)
-        if v is not None and int(v) != head_dim:
-            raise GGUFError(f"{p + key} = {v} but embedding_length/head_count = {head_dim}: partial RoPE or "
-                            "a separate head size is not supported")
-    scaling = _field(reader, p + "rope.scaling.type", "none")
-    factor = float(_field(reader, p + "rope.scaling.factor", 1.0) or 1.0)
+        if _field(reader, p + key) is not None and _int(reader, p + key, 0) != head_dim:
+            raise GGUFError(f"{p + key} = {_field(reader, p + key)} but embedding_length/head_count = {head_dim}: "
+                            "partial RoPE or a separate head size is not supported")
+    scaling = _str(reader, p + "rope.scaling.type", "none")
+    factor = _float(reader, p + "rope.scaling.factor", 1.0, positive=False) or 1.0
     if (scaling not in ("none", "") and factor != 1.0) or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise GGUFError(f"RoPE scaling ({scaling}, factor {factor}) is not supported yet")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = int(_field(reader, p + "vocab_size", 0) or (len(tokens.data) if tokens is not None else 0))
-    if vocab <= 0:
-        raise GGUFError("GGUF metadata gives no vocabulary size")
     emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if emb is None:
         raise GGUFError("GGUF file has no token_embd.weight tensor")
-    vocab = int(emb.shape[1])  # the tensor is the truth (vocab_size is optional metadata)
-    if n_head % n_kv or head_dim % 2:
-        raise GGUFError(f"bad head counts: {n_head} heads, {n_kv} KV heads, head size {head_dim}")
+    vocab = int(emb.shape[1]) if len(emb.shape) == 2 else 0  # the tensor is the truth (vocab_size is optional)
+    if vocab < 1:  # (its width is checked against embedding_length with every other tensor's shape)
+        raise GGUFError(f"tensor token_embd.weight has shape {tuple(int(s) for s in reversed(emb.shape))}, "
+                        f"expected (vocabulary, {p}embedding_length = {d_model})")
+    if _field(reader, p + "vocab_size") is not None and _int(reader, p + "vocab_size") != vocab:
+        raise GGUFError(f"GGUF metadata {p}vocab_size = {_field(reader, p + 'vocab_size')} but token_embd.weight "
+                        f"has {vocab} rows")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) > vocab:
+        raise GGUFError(f"GGUF metadata tokenizer.ggml.tokens has {len(tokens.data)} tokens but token_embd.weight "
+                        f"has only {vocab} rows")
     return ModelConfig(
         vocab_size=vocab,
-        context=int(_require(reader, p + "context_length")),
+        context=_int(reader, p + "context_length"),
         d_model=d_model,
-        n_layer=int(_require(reader, p + "block_count")),
+        n_layer=_block_count(reader, p + "block_count"),
         n_head=n_head,
         n_kv_head=n_kv,
-        ffn_hidden=int(_require(reader, p + "feed_forward_length")),
+        ffn_hidden=_int(reader, p + "feed_forward_length"),
         norm="rmsnorm",
-        norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        norm_eps=_float(reader, p + "attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=_float(reader, p + "rope.freq_base", 10000.0),
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
     )
 
@@ -209,25 +287,110 @@ def _name_map(n_layer: int) -> dict[str, str]:
     return out
 
 
-def read_weights(reader, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Dequantised weights keyed by our parameter names."""
+def _matmul_tensors(reader, cfg: ModelConfig) -> list:
+    """The tensors a model multiplies by: every linear weight, and token_embd when it is the tied head."""
+    names = _name_map(cfg.n_layer)
+    return [t for t in reader.tensors if names.get(t.name, "").endswith(_MATMULS)
+            or (t.name == "token_embd.weight" and cfg.tie_embeddings)]
+
+
+def auto_quant(reader, cfg: ModelConfig) -> str:
+    """The default --quant of a file: int4 when its matmul tensors are all Q4_0/Q4_1/Q8_0 (int4 then keeps
+    exactly what the file holds), else none (every tensor dequantised to fp32, as before)."""
+    types = {t.tensor_type.name for t in _matmul_tensors(reader, cfg)}
+    return "int4" if types and types <= set(INT4_EXACT) else "none"
+
+
+def _blocks(t, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """A Q4_0 / Q4_1 tensor's blocks as (q (N, K) uint8 in [0, 15], scale, zero (N, K/32) fp32) with
+    w = (q - 8)·scale + zero: Q4_0 is w = d·(q - 8) → (d, 0); Q4_1 is w = d·q + m → (d, m + 8d).
+    A Q8_0 tensor's as (q (N, K) int8, d (N, K/32) fp32) with w = d·q."""
+    n, k = shape
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[t.tensor_type.name]
+    raw = np.asarray(t.data, dtype=np.uint8)
+    if raw.size != n * (k // 32) * size:
+        raise GGUFError(f"tensor {t.name} has {raw.size} bytes, expected shape {shape}: corrupt file")
+    b = raw.reshape(n, k // 32, size)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if size == 34:
+        return b[..., 2:].copy().view(np.int8).reshape(n, k), d
+    if size == 18:
+        zero = np.zeros_like(d)
+    else:
+        zero = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+    qs = b[..., size - 16:]  # element j of a block: low nibble of byte j (j < 16), high nibble of byte j - 16
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k)
+    return q, d, zero
+
+
+def _dequant_blocks(parts: list[torch.Tensor], dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
+    """The float values of `_blocks` parts, computed in fp32 a chunk of rows at a time and stored in `dtype`."""
+    q = parts[0]
+    n, k = q.shape
+    out = torch.empty(n, k, dtype=dtype)
+    for a in range(0, n, chunk):
+        g = q[a:a + chunk].float().view(-1, k // 32, 32)
+        if len(parts) == 2:  # Q8_0: d·q
+            w = g * parts[1][a:a + chunk, :, None]
+        else:  # Q4_0 / Q4_1: (q - 8)·scale + zero
+            w = (g - 8) * parts[1][a:a + chunk, :, None] + parts[2][a:a + chunk, :, None]
+        out[a:a + chunk] = w.view(-1, k)
+    return out
+
+
+def _release(reader) -> None:
+    """Drop the file's pages from this process once a tensor is copied out (they are re-read if touched), so
+    that the load's peak memory holds one tensor of the file, not all of it."""
+    mm = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def read_weights(reader, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                 quant: str = "none") -> dict[str, torch.Tensor | QuantLinear]:
+    """Dequantised weights keyed by our parameter names. With `quant` int8 / int4 every matmul weight is a
+    `QuantLinear` instead (under its weight's name; a tied head under lm_head.weight, beside the table)."""
     import gguf
 
+    _check_types(reader)
+    check_mode(quant)
+    if quant == "int4":
+        bad = sorted({t.tensor_type.name for t in _matmul_tensors(reader, cfg)} - set(INT4_TYPES))
+        if bad:
+            raise GGUFError(f"--quant int4 cannot keep {', '.join(bad)} tensors (it keeps Q4_0, Q4_1 and Q8_0 "
+                            "blocks exactly and rounds float tensors): use --quant int8 or none for this file")
     names = _name_map(cfg.n_layer)
-    bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in QUANT_TYPES})
-    if bad:
-        raise GGUFError(f"unsupported quantisation type {', '.join(bad)} (supported: {', '.join(QUANT_TYPES)})")
+    with torch.device("meta"):  # the shape of every parameter, allocating nothing
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name not in names:
             raise GGUFError(f"unexpected tensor {t.name!r}: not a plain Llama model (biases, MoE and extra "
                             "tensors are not supported)")
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
+        if shape != expected[names[t.name]]:
+            raise GGUFError(f"tensor {t.name} has shape {shape} but the metadata (embedding_length, head counts, "
+                            f"feed_forward_length, vocabulary) implies {expected[names[t.name]]}")
+        tied_head = t.name == "token_embd.weight" and cfg.tie_embeddings
+        quantised = quant != "none" and (names[t.name].endswith(_MATMULS) or tied_head)
+        layer = "lm_head.weight" if tied_head else names[t.name]
+        if quantised and quant == "int4" and t.tensor_type.name in INT4_EXACT and int4_fits(*shape):
+            parts = _blocks(t, shape)
+            heads = cfg.n_head if t.name.endswith("attn_q.weight") else \
+                cfg.n_kv_head if t.name.endswith("attn_k.weight") else 0
+            if heads:  # the rows (output channels) are permuted; each row keeps its blocks
+                parts = [_unpermute_qk(a, heads) for a in parts]
+            parts = [torch.from_numpy(np.ascontiguousarray(a)) for a in parts]
+            out[layer] = QuantLinear.q8_0(*parts) if len(parts) == 2 else QuantLinear.int4(*parts)
+            if tied_head:  # the lookup table, from the same blocks (no fp32 copy of the whole table)
+                out[names[t.name]] = _dequant_blocks(parts, dtype)
+            _release(reader)
+            continue
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise GGUFError(f"tensor {t.name} ({t.tensor_type.name}) could not be dequantised, the file may be "
                             f"corrupt: {e}") from None
-        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
         if w.size != int(np.prod(shape)):
             raise GGUFError(f"tensor {t.name} has {w.size} values, expected shape {shape}: corrupt file")
         w = w.reshape(shape)
@@ -238,7 +401,13 @@ def read_weights(reader, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:  # F32 tensors are views of the read-only memory map
             w = w.copy()
+        if quantised and layer not in out:  # round-to-nearest from the values: int8, or int4 of a float tensor
+            out[layer] = QuantLinear.quantize(torch.from_numpy(w), quant)
+            if not tied_head:
+                _release(reader)
+                continue
         out[names[t.name]] = torch.from_numpy(w).to(dtype)
+        _release(reader)
     missing = [v for k, v in names.items() if v not in out and k != "output.weight"]
     if missing:
         raise GGUFError(f"GGUF file lacks tensors for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
@@ -255,16 +424,22 @@ def read_tokenizer(reader):
     if kind != "gpt2":
         raise GGUFError(f"tokenizer model {kind!r} is not supported yet (supported: gpt2, the byte-level BPE of "
                         "SmolLM, Llama 3, Mistral Nemo, ...); SentencePiece ('llama') files cannot be read here")
-    tokens = _require(reader, "tokenizer.ggml.tokens")
-    merges = _require(reader, "tokenizer.ggml.merges")
+    tokens = _str_list(reader, "tokenizer.ggml.tokens")
+    merges = _str_list(reader, "tokenizer.ggml.merges")
     types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise GGUFError(f"GGUF metadata tokenizer.ggml.token_type is invalid: expected an array of "
+                        f"{len(tokens)} integers, one per token")
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = []
     for m in merges:
         a, _, b = m.partition(" ")
         pairs.append((a, b))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        raise GGUFError(f"GGUF tokenizer (tokenizer.ggml.tokens/merges) is invalid: {str(e).splitlines()[0]}") from None
+    pre = _str(reader, "tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # llama.cpp: "\p{N}" then the GPT-2 regex (as SmolLM's tokenizer.json: Digits + ByteLevel)
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -290,29 +465,44 @@ def read_tokenizer(reader):
 def _build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
     with torch.device("meta"):  # no random init of 100M+ parameters that are overwritten at once
         model = Transformer(cfg)
+    layers = {k: v for k, v in weights.items() if isinstance(v, QuantLinear)}  # --quant: whole modules
+    weights = {k: v for k, v in weights.items() if k not in layers}
     if cfg.tie_embeddings:
         weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
     model.load_state_dict(weights, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
+    for name, layer in layers.items():  # a quantised tied head replaces the shared weight by its own copy
+        model.set_submodule(name.removesuffix(".weight"), layer)
+    finish_head(model)  # fp32 logits; a tied head also multiplies by the table for many rows
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise GGUFError(f"GGUF file lacks weights for {', '.join(left[:4])}")
     return model.eval()
 
 
-def load(model: str | Path = "smollm2", dtype: torch.dtype = torch.float32) -> GGUFModel:
-    """Load a Llama-family GGUF file (or a known name, e.g. `smollm2`) into the lab's Transformer."""
+def load(model: str | Path = "smollm2", dtype: torch.dtype = torch.float32, quant: str = "none") -> GGUFModel:
+    """Load a Llama-family GGUF file (or a known name, e.g. `smollm2`) into the lab's Transformer.
+
+    quant: none (every tensor dequantised to `dtype`) | int8 | int4 (matmuls as `quant.QuantLinear`, see
+    `read_weights`; the rest, embeddings and norms, in bfloat16 whatever `dtype` says: the kernels compute in
+    bfloat16) | auto (`auto_quant`: int4 for Q4_0/Q4_1/Q8_0 files, else none)."""
     path = resolve(str(model))
     reader = _open(path)
     cfg = read_config(reader)
-    weights = read_weights(reader, cfg, dtype)
-    net = _build_model(cfg, weights)
+    if quant == "auto":
+        quant = auto_quant(reader, cfg)
+    check_mode(quant)
+    _check_types(reader)  # (before the tokenizer, as before: a file's tensor types are the likelier complaint)
     tok = read_tokenizer(reader)
 
     def tid(key: str) -> int | None:
-        v = _field(reader, key)
-        return int(v) if v is not None else None
+        if _field(reader, key) is None:
+            return None
+        i = _int(reader, key, minimum=0)
+        if i >= cfg.vocab_size:
+            raise GGUFError(f"GGUF metadata {key} = {i} is not a token id (the vocabulary has {cfg.vocab_size})")
+        return i
 
     bos, eos = tid("tokenizer.ggml.bos_token_id"), tid("tokenizer.ggml.eos_token_id")
     stops = [i for i in (eos, tid("tokenizer.ggml.eot_token_id")) if i is not None]
@@ -320,9 +510,15 @@ def load(model: str | Path = "smollm2", dtype: torch.dtype = torch.float32) -> G
         i = tok.token_to_id(name)
         if i is not None and i not in stops:
             stops.append(i)
-    return GGUFModel(cfg=cfg, model=net, tokenizer=tok, chat_template=_field(reader, "tokenizer.chat_template"),
-                     bos_id=bos, eos_id=eos, add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-                     stop_ids=stops, name=str(_field(reader, "general.name", path.stem)), path=str(path))
+    meta = dict(chat_template=_str(reader, "tokenizer.chat_template"), bos_id=bos, eos_id=eos,
+                add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)), stop_ids=stops,
+                name=str(_field(reader, "general.name", path.stem)), path=str(path), quant=quant)
+    # The tokenizer is built: drop the reader's parsed vocabulary and merges (~90 MB of small numpy arrays for
+    # SmolLM2) before the weights, so that they are not part of the load's peak memory.
+    for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
+        del reader.fields[key]
+    weights = read_weights(reader, cfg, dtype if quant == "none" else torch.bfloat16, quant)
+    return GGUFModel(cfg=cfg, model=_build_model(cfg, weights), tokenizer=tok, **meta)
 
 
 def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import difflib
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -54,6 +55,19 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------- input
+def _text_file(read: Callable) -> Callable:
+    """A reader of a user's file whose undecodable bytes or unreadable CSV are one DataError naming the file."""
+    @functools.wraps(read)
+    def wrapper(path, *args, **kw):
+        try:
+            return read(path, *args, **kw)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+        except csv.Error as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})") from None
+    return wrapper
+
+
 @dataclass
 class Runs:
     """One row per run, as integer codes into sorted name lists (the sort order METR's np.unique gives)."""
@@ -147,6 +161,7 @@ def _rows_csv(path: Path):
             yield reader.line_num, rec.get
 
 
+@_text_file
 def load_runs(path: Path) -> Runs:
     """Read METR's runs JSONL or a plain CSV (model, task_id, task_family, human_minutes, success[, weight])."""
     path = Path(path)
@@ -192,6 +207,7 @@ def _parse_date(value: object, where: str) -> dt.date:
         raise DataError(f"{where}: release date must be YYYY-MM-DD, got {value!r}") from None
 
 
+@_text_file
 def load_release_dates(path: Path) -> dict[str, dt.date]:
     """METR's release_dates.yaml (`date: {alias: YYYY-MM-DD}`; a flat mapping also works) or a CSV
     with columns model, release_date."""
@@ -215,10 +231,15 @@ def load_release_dates(path: Path) -> dict[str, dt.date]:
 
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise DataError(f"{path}{line}: not valid YAML") from None
+        except (ValueError, TypeError, OverflowError) as e:  # PyYAML's constructors, e.g. a date 2024-13-45
+            raise DataError(f"{path}: a value is not valid ({str(e).splitlines()[0]}); "
+                            "release dates are YYYY-MM-DD") from None
         if isinstance(doc, dict) and isinstance(doc.get("date"), dict):
             doc = doc["date"]
         if not isinstance(doc, dict):
@@ -482,6 +503,7 @@ def save_replicates(reps: Replicates, path: Path) -> None:
                          for v in (reps.values[p][r, reps.models.index(m)] for m, p in cols)])
 
 
+@_text_file
 def load_replicates(path: Path) -> Replicates:
     """Read a replicate CSV written by `save_replicates` or METR's bootstrap/headline.csv."""
     path = Path(path)
@@ -643,6 +665,7 @@ def _did_you_mean(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+@_text_file
 def load_fits_csv(path: Path, ps: Sequence[float]) -> tuple[list[ModelFit], dict[str, dt.date]]:
     """Per-model results instead of runs: METR's logistic_fits/headline.csv (agent, coefficient, intercept,
     p50, p50q0.025, …, release_date) or our horizons.csv. Horizons and CIs in the file are used as given."""
@@ -677,6 +700,7 @@ def load_fits_csv(path: Path, ps: Sequence[float]) -> tuple[list[ModelFit], dict
     return fits, dates
 
 
+@_text_file
 def _is_fits_csv(path: Path) -> bool:
     if path.suffix.lower() != ".csv" or not path.is_file():
         return False
@@ -746,6 +770,12 @@ def analyse(source: Path, release_dates: Path | None = None, models: str | None 
         raise ScalelabError(f"--weighting: unknown '{weighting}' (choose from {', '.join(WEIGHTINGS)})")
     if not C > 0:
         raise ScalelabError(f"-C must be positive, got {C:g}")
+    if n_bootstrap < 0:
+        raise ScalelabError(f"--bootstrap must be >= 0 replicates (0: no bootstrap, no CIs), got {n_bootstrap}")
+    if seed < 0:
+        raise ScalelabError(f"--seed must be >= 0 (replicate r uses default_rng(seed + r)), got {seed}")
+    if not 0 < level < 1:
+        raise ScalelabError(f"horizon.level must be in (0, 1), got {level:g}")
     source, ps = Path(source), list(ps)
     runs, reps, notes = None, None, []
     if _is_fits_csv(source):

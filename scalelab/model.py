@@ -18,14 +18,18 @@ Notable choices:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalelab.config import ModelConfig
+from scalelab import config as configmod
+from scalelab.config import BYTES_PER_PARAM, Config, ModelConfig, _bytes, _count
+from scalelab.errors import ConfigError
 
 # DyT paper, Table 12 (LLaMA width sweep; depth made no difference): width -> (α0 attention, α0 other).
 DYT_ALPHA_TABLE = {1024: (1.0, 1.0), 2048: (1.0, 0.5), 4096: (0.8, 0.2), 8192: (0.2, 0.05)}
@@ -207,10 +211,15 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """The SwiGLU width: model.ffn_hidden, or LLaMA's 8/3·d_model rounded up to a multiple of 64."""
+    return cfg.ffn_hidden or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = cfg.ffn_hidden or 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+        hidden = mlp_hidden(cfg)
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)  # gate
         self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
@@ -293,6 +302,50 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6·N for the matmuls (embedding lookup excluded, output head included)
         plus 6·n_layer·seq_len·d for causal attention scores and values (only the unmasked half counted)."""
         return 6 * self.num_params(embeddings=False) + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """The parameters `Transformer(cfg)` would have, allocating nothing: the matrices from their shapes, the
+    norms built on the meta device (a random init on meta would import half of torch)."""
+    d, hd = cfg.d_model, cfg.d_model // cfg.n_head
+    with torch.device("meta"):
+        attn_norm, mlp_norm, final_norm = (make_norm(cfg, w) for w in ("attn", "other", "final"))
+
+    def numel(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    block = (2 * cfg.n_head + 2 * cfg.n_kv_head) * hd * d + 3 * d * mlp_hidden(cfg) + numel(attn_norm) + numel(mlp_norm)
+    embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    scale = 1 if cfg.norm == "dyt" and cfg.dyt_embed_scale else 0
+    return embed + scale + numel(final_norm) + cfg.n_layer * block
+
+
+def check_memory(cfg: Config) -> None:
+    """Refuse, before anything is allocated, a model whose training state cannot fit: parameters (with the
+    largest vocabulary the tokenizer may give) × 16 bytes against the memory available. On CUDA the weights
+    are built in RAM first and the whole state must fit on the GPU. Activations come on top of this."""
+    m = dataclasses.replace(cfg.model, vocab_size=cfg.data.vocab_size + (1 if cfg.diffusion.block_size else 0))
+    n = param_count(m)
+    what = (f"the model (model.d_model={m.d_model}, model.n_layer={m.n_layer}, vocabulary up to {m.vocab_size}) "
+            f"has {_count(n)} parameters")
+    full = f"{BYTES_PER_PARAM} bytes/parameter for weights, gradients and AdamW moments"
+    need, state = n * BYTES_PER_PARAM, full
+    dev = cfg.train.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        rank = os.environ.get("LOCAL_RANK", "0")
+        index = int(dev.partition(":")[2] or (rank if rank.isdigit() else 0))
+        if index < torch.cuda.device_count():
+            gpu = torch.cuda.get_device_properties(index).total_memory
+            if need > gpu:
+                raise ConfigError(f"{what}: training needs about {_bytes(need)} ({full}), more than the "
+                                  f"{_bytes(gpu)} of {dev}; make the model smaller")
+        need, state = n * 4, "its fp32 weights, built on the CPU before they move to the GPU"
+    have = configmod.available_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"{what}: training needs about {_bytes(need)} of RAM ({state}), more than the "
+                          f"{_bytes(have)} available; make the model smaller")
 
 
 @torch.no_grad()

@@ -161,13 +161,10 @@ def run_point(out: Path, strategy: str, M: int, d_model: int, steps: int, base: 
 
 
 def param_count(cfg) -> int:
-    """Parameters of `cfg.model` (embeddings included), from a meta-device build (no memory, no init)."""
-    import torch
+    """Parameters of `cfg.model` (embeddings included), counted without building it."""
+    from scalelab.model import param_count as count
 
-    from scalelab.model import Transformer
-
-    with torch.device("meta"):
-        return Transformer(cfg.model).num_params()
+    return count(cfg.model)
 
 
 def sweep_diloco(out: Path, sizes: list[int], replicas: list[int], H: int, recipe: Path | None,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from scalelab.errors import ScalelabError
+
 EOT = "<|endoftext|>"
 
 
@@ -42,10 +44,21 @@ def _batched(texts: Iterable[str], n: int = 256) -> Iterator[list[str]]:
 
 
 def load(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    """A saved `tokenizer.json`; a missing, truncated or foreign file is one ScalelabError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScalelabError(f"{path} is missing: a run directory needs the tokenizer.json it was trained with")
+    try:
+        return Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ScalelabError(f"{path} is corrupt: not UTF-8 text") from None
+    except Exception as e:  # tokenizers raises a bare Exception for JSON it cannot read
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ScalelabError(f"{path} is corrupt or truncated: {why}") from None
 
 
 def eot_id(tok: Tokenizer) -> int:
     i = tok.token_to_id(EOT)
-    assert i is not None, "tokenizer has no end-of-text token"
+    if i is None:
+        raise ScalelabError(f"the tokenizer has no end-of-text token {EOT!r}: not a tokenizer scalelab trained")
     return i

@@ -4,7 +4,8 @@ One function, `train(cfg, run_dir)`, turns a config into a run directory:
 `config.toml` (resolved), `metrics.jsonl` (train lines every `log_every` steps, eval lines every
 `eval_every`), `checkpoints/step_*/` and, at the end, a final checkpoint. Resuming restores weights,
 optimizer moments, RNG state and the data position, and truncates the metrics to the checkpoint's step, so a
-run killed at any instant and resumed ends bitwise-equal (on CPU) to one that was never interrupted.
+run killed at any instant and resumed ends bitwise-equal (on CPU, in either train.dtype) to one that was never
+interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from scalelab import checkpoint, config as configmod, data as datamod, diffusion
 from scalelab.report import write_text
 from scalelab.config import Config
 from scalelab.errors import ConfigError, ScalelabError
-from scalelab.model import Transformer, loss_fn, norm_probe
+from scalelab.model import Transformer, check_memory, loss_fn, norm_probe
 
 log = logging.getLogger("scalelab")
 
@@ -77,16 +78,20 @@ def _check_writable(run_dir: Path) -> None:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after `step` (they belong to the lost part of an interrupted run)."""
+    if not isinstance(step, int) or isinstance(step, bool):  # a bug: checkpoint.read_state validated the step
+        raise TypeError(f"_truncate_metrics needs an integer step, got {step!r}")
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    for line in text.splitlines():
         try:
             if json.loads(line)["step"] <= step:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the kill
-    write_text(path, "".join(k + "\n" for k in keep))
+    if (new := "".join(k + "\n" for k in keep)) != text:  # unchanged: leave the file as it is
+        write_text(path, new)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,6 +101,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = cuda, but this torch sees no CUDA device (install a CUDA build of torch)")
     return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """train.dtype: "auto" is bfloat16 on CUDA and float32 elsewhere (CPU runs stay bitwise reproducible)."""
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
 
 
 def build_model(cfg: Config, vocab_size: int) -> Transformer:
@@ -127,6 +139,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     [distributed] `cfg.distributed.strategy` (single | ddp | diloco, see distributed.py) is applied to the loop
     through the hooks marked `[distributed]`; ddp and diloco join torchrun's process group here.
     """
+    check_memory(cfg)  # before the data, the tokenizer or any tensor
     strat = make_strategy(cfg)
     try:
         return _train(cfg, Path(run_dir), resume, progress, strat)
@@ -171,8 +184,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
     model = build_model(cfg, prepared.meta["vocab_size"] + (1 if bd3 else 0)).to(device)
     optimizer = make_optimizer(model, cfg.train)
     strat.setup(model, optimizer)  # [distributed] DDP wrapper / DiLoCo global copy and outer optimizer
-    # bf16 autocast on GPU only: CPU runs stay fp32 and bitwise reproducible.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+    # bfloat16: autocast runs matmuls and attention in bf16; weights, gradients and AdamW state stay fp32 (the
+    # master copy). The resolved dtype goes into config.toml and every checkpoint's state.
+    cfg.train.dtype = resolve_dtype(cfg.train.dtype, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
     t = cfg.train
     # [distributed] train.batch_size is the global batch; this process reads its 1/world share of it
     batches = datamod.Batches(prepared.tokens("train"), cfg.model.context, t.batch_size // strat.data_world, t.seed,
@@ -183,6 +198,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
 
     start, tokens_seen, elapsed = 0, 0, 0.0
     if resume and (ck := strat.on_writer(lambda: checkpoint.latest(ckpt_root))) is not None:
+        checkpoint.read_state(ck, need=checkpoint.RESUME_KEYS)  # all of state.json valid before anything uses it
         state = strat.load(ck, model, optimizer)  # [distributed] DiLoCo: global model + outer state + inner state
         checkpoint.set_rng_state(state["rng"])
         batches.load_state(state["data"])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from scalelab.model import check_memory
 from scalelab import config, data, tokenizer
 from scalelab.config import DataConfig
 from scalelab.errors import ConfigError, DataError
@@ -219,3 +220,82 @@ def test_fms_schedule_of_the_dyt_code():
     assert lr_at(100, t) == pytest.approx(0.1) and lr_at(200, t) == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="train.schedule"):
         config.load(None, ["train.schedule=linear"])
+
+
+def test_absent_loss_after_marker_is_refused_before_the_tokenizer(tmp_path, monkeypatch):
+    """`data.loss_after=QQQ` on a corpus without it used to train the whole BPE first (minutes) before saying so."""
+    def no_training(*a, **k):
+        raise AssertionError("the tokenizer was trained before the marker was checked")
+
+    monkeypatch.setattr(tokenizer, "train_bpe", no_training)
+    (tmp_path / "d.txt").write_text("".join(f"no marker on line {i}\n" for i in range(3000)))
+    with pytest.raises(DataError, match="data.loss_after marker 'QQQ'"):
+        data.prepare(DataConfig(corpus=str(tmp_path / "d.txt"), vocab_size=257, cache_dir=str(tmp_path),
+                                loss_after="QQQ"))
+    with pytest.raises(ConfigError, match="cannot hold a line break"):  # could never be found within a line
+        config.load(None, ['data.loss_after="a\\nb"'])
+
+
+def test_param_count_is_exact_without_allocating():
+    from dataclasses import replace
+
+    from scalelab.model import Transformer, param_count
+
+    base = config.ModelConfig(vocab_size=300, context=16, d_model=32, n_layer=3, n_head=4, n_kv_head=2)
+    for kw in [{}, {"tie_embeddings": False}, {"norm": "dyt"}, {"norm": "dyt", "dyt_embed_scale": False,
+               "final_norm": "rmsnorm"}, {"norm": "layernorm", "ffn_hidden": 100, "n_kv_head": 4}]:
+        cfg = replace(base, **kw)
+        assert param_count(cfg) == Transformer(cfg).num_params(), kw
+    assert param_count(replace(base, d_model=10**8, n_layer=10**6)) > 10**22  # instant: nothing is built
+
+
+def test_model_too_large_is_refused_before_allocation(monkeypatch):
+    cfg = config.load(None, ["model.d_model=100000000"])  # validates: 4 heads of size 2.5e7
+    with pytest.raises(ConfigError, match=r"has about 4\.4e17 parameters: training needs about 6\.1 EiB of RAM"):
+        check_memory(cfg)
+    small = config.load(None, ["model.d_model=32", "data.vocab_size=300", "train.device=cpu"])
+    from dataclasses import replace
+
+    from scalelab.model import param_count
+
+    need = param_count(replace(small.model, vocab_size=300)) * config.BYTES_PER_PARAM  # vocab: data.vocab_size
+    monkeypatch.setattr(config, "available_memory", lambda: need)
+    check_memory(small)  # exactly fits
+    monkeypatch.setattr(config, "available_memory", lambda: need - 1)
+    with pytest.raises(ConfigError, match="more than the .* available; make the model smaller"):
+        check_memory(small)
+    monkeypatch.setattr(config, "available_memory", lambda: None)  # a system that does not say: no check
+    check_memory(cfg)
+
+
+def test_cli_model_too_large_one_line_before_any_work(tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("train", "--set", "model.d_model=100000000", "--set", f'data.corpus="{tmp_path / "none"}"',
+                "--out", str(tmp_path / "r"), timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "EiB of RAM" in lines[0] and "model.d_model=100000000" in lines[0]
+    assert not (tmp_path / "r").exists()  # (and the missing corpus was never read)
+
+
+def test_model_too_large_for_the_gpu(monkeypatch):
+    """On CUDA the training state must fit the GPU, and only the fp32 weights are built in RAM first."""
+    from types import SimpleNamespace
+
+    from scalelab.model import param_count
+
+    cfg = config.load(None, ["model.d_model=512", "model.n_layer=8", "data.vocab_size=4096", "train.device=cuda:1"])
+    n = param_count(cfg.model)  # (its vocab_size is the default 4096, = data.vocab_size)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus = {0: 10**15, 1: n * config.BYTES_PER_PARAM - 1}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=gpus[i]))
+    monkeypatch.setattr(config, "available_memory", lambda: n * 4)
+    with pytest.raises(ConfigError, match=r"more than the .* of cuda:1; make the model smaller"):
+        check_memory(cfg)
+    gpus[1] += 1
+    check_memory(cfg)  # fits the GPU exactly, and RAM holds the fp32 weights
+    monkeypatch.setattr(config, "available_memory", lambda: n * 4 - 1)
+    with pytest.raises(ConfigError, match=r"of RAM \(its fp32 weights, built on the CPU"):
+        check_memory(cfg)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import struct
 
 import numpy as np
@@ -16,7 +17,7 @@ from scalelab.errors import ScalelabError  # noqa: E402
 from scalelab.model import Transformer  # noqa: E402
 from scalelab.tokenizer import train_bpe  # noqa: E402
 
-from conftest import run_cli  # noqa: E402
+from conftest import rewrite_gguf, run_cli  # noqa: E402
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog 12345.",
          "import os\nprint(os.getcwd())\n", "Paris is the capital of France."] * 20
@@ -108,6 +109,50 @@ def test_bad_files(tiny, tmp_path):
     reader = G._open(spm)
     with pytest.raises(ScalelabError, match="SentencePiece"):
         G.read_tokenizer(reader)
+
+
+@pytest.mark.parametrize("changes,drop,msg", [
+    ({"llama.attention.head_count": 0}, (), "llama.attention.head_count = 0 is invalid"),
+    ({"llama.attention.head_count_kv": 0}, (), "llama.attention.head_count_kv = 0 is invalid"),
+    ({"llama.attention.head_count_kv": 3}, (), "head_count_kv = 3 does not divide"),
+    ({"llama.attention.head_count": 5, "llama.rope.dimension_count": 12}, (), "head_count = 5 does not divide"),
+    ({"llama.embedding_length": 0}, (), "llama.embedding_length = 0 is invalid"),
+    ({"llama.embedding_length": 128, "llama.rope.dimension_count": 32}, (), "tensor token_embd.weight has shape"),
+    ({"llama.block_count": 0}, (), "llama.block_count = 0 is invalid"),
+    ({"llama.block_count": 3}, (), "llama.block_count = 3 but the file has tensors for 2 blocks"),
+    ({"llama.block_count": 4_000_000_000}, (), "llama.block_count = 4000000000 but"),
+    ({"llama.context_length": 0}, (), "llama.context_length = 0 is invalid"),
+    ({}, ("llama.context_length",), "lacks llama.context_length"),
+    ({"llama.feed_forward_length": 100}, (), "implies"),
+    ({"llama.vocab_size": 7}, (), "llama.vocab_size = 7 but token_embd.weight"),
+    ({"llama.attention.head_count": "four"}, (), "head_count = 'four' is invalid"),
+    ({"llama.rope.freq_base": -1.0}, (), "llama.rope.freq_base = -1.0 is invalid"),
+    ({"tokenizer.ggml.eos_token_id": 10**6}, (), "tokenizer.ggml.eos_token_id = 1000000 is not a token id"),
+    ({"tokenizer.ggml.token_type": [1, 1]}, (), "tokenizer.ggml.token_type is invalid"),
+])
+def test_bad_metadata_is_one_error(tiny, tmp_path, changes, drop, msg):
+    """Metadata that disagrees with itself or with the tensors is refused, naming the key, before any use
+    (head_count 0 was a ZeroDivisionError; other mismatches reached reshape or load_state_dict)."""
+    bad = rewrite_gguf(tiny[2], tmp_path / "bad.gguf", changes, drop)
+    with pytest.raises(ScalelabError, match=re.escape(msg)):
+        G.load(bad)
+
+
+def test_more_tokens_than_embedding_rows(tiny, tmp_path):
+    _, tok, path = tiny
+    vocab = tok.get_vocab_size()
+    tokens = [f"t{i}" for i in range(vocab + 5)]
+    bad = rewrite_gguf(path, tmp_path / "bad.gguf", {"tokenizer.ggml.tokens": tokens}, ("tokenizer.ggml.token_type",))
+    with pytest.raises(ScalelabError, match=f"has {vocab + 5} tokens but token_embd.weight has only {vocab} rows"):
+        G.load(bad)
+
+
+def test_cli_head_count_zero_one_line(tiny, tmp_path):
+    bad = rewrite_gguf(tiny[2], tmp_path / "bad.gguf", {"llama.attention.head_count": 0})
+    p = run_cli("generate", "--model", str(bad), "--prompt", "hi", timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: GGUF metadata llama.attention.head_count = 0 is invalid: "
+                                             "expected an integer >= 1"]
 
 
 def test_cli_bad_gguf_one_line_exit_2(tmp_path):

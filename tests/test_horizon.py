@@ -308,3 +308,37 @@ def test_cli_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("bad.csv:2: human_minutes must be a positive number "
                                                          "of minutes, got 0")
+
+
+def test_impossible_yaml_date_is_one_error(tmp_path):
+    """PyYAML builds dates itself and raises ValueError (not YAMLError) for 2024-13-45: that was a traceback."""
+    yaml_dates = tmp_path / "dates.yaml"
+    yaml_dates.write_text("date:\n  m: 2024-13-45\n")
+    with pytest.raises(ScalelabError, match=r"dates.yaml: a value is not valid \(month must be in 1..12\); "
+                                            r"release dates are YYYY-MM-DD"):
+        H.load_release_dates(yaml_dates)
+    (tmp_path / "latin1.yaml").write_bytes("date:\n  caf\xe9: 2024-01-01\n".encode("latin-1"))
+    with pytest.raises(ScalelabError, match=r"latin1.yaml: not UTF-8 text"):
+        H.load_release_dates(tmp_path / "latin1.yaml")
+    (tmp_path / "latin1.csv").write_bytes("model,task_id,task_family,human_minutes,success\ncaf\xe9,t,f,1,1\n"
+                                          .encode("latin-1"))
+    with pytest.raises(ScalelabError, match=r"latin1.csv: not UTF-8 text"):
+        H.load_runs(tmp_path / "latin1.csv")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-b", "-1"], "--bootstrap must be >= 0 replicates (0: no bootstrap, no CIs), got -1"),
+    (["--seed", "-3"], "--seed must be >= 0 (replicate r uses default_rng(seed + r)), got -3"),
+    (["--set", "horizon.level=1.5"], "horizon.level must be in (0, 1), got 1.5"),
+])
+def test_bad_bootstrap_settings_leave_the_report(tmp_path, args, message):
+    """`horizon -b -1` silently wrote a report without CIs over the existing one; a negative seed was a traceback."""
+    _synthetic_csv(tmp_path / "s.csv", seed=3)
+    out = tmp_path / "report"
+    cli.horizon(tmp_path / "s.csv", out=out, n_bootstrap=5)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "scalelab.cli", "horizon", str(tmp_path / "s.csv"), "-o", str(out),
+                           *args], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {message}"], proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -247,3 +247,56 @@ def test_preliminary_scoring_and_checker(tmp_path):
 def test_cli_bad_input(tmp_path, args, msg):
     p = run_cli("search", "--tasks", "arithmetic", "--out", str(tmp_path / "x"), *args)
     assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    """A finished search run with its report and metrics written."""
+    d = tmp_path_factory.mktemp("search") / "run"
+    b = Scripted()
+    search.run_search(_cfg(n_problems=3, k_inf=4, k_verif=2), d, gen=b, ver=b)
+    search.write_report(d)
+    return d
+
+
+@pytest.mark.parametrize("name,text,msg", [
+    ("search.json", '{"backend": "scripted", "k_inf": 8', "search.json is corrupt: not valid JSON"),
+    ("search.json", "[1, 2]", "search.json is corrupt: expected a JSON object of search settings, got list"),
+    ("search.json", '{"k_inf": "many"}', "search.json: search.k_inf must be an integer, got 'many'"),
+    ("search.json", '{"k_inf": 0}', "search.json: k-inf must be an integer >= 1, got 0"),
+    ("search.json", '{"colour": "red"}', "search.json: unknown config key search.colour"),
+    ("problems.jsonl", '{"id": "p1", "question": "q"', "problems.jsonl:1: not a problem record"),
+    ("problems.jsonl", '{"id": 1, "question": "q", "answer": "4"}', "problems.jsonl:1: not a problem record"),
+    ("problems.jsonl", '{"id": "p", "question": "q", "answer": "4", "colour": 1}', "problems.jsonl:1: not a problem"),
+])
+def test_rescore_corrupt_run_files_one_line(reported_run, tmp_path, name, text, msg):
+    """A corrupt search.json (or problems.jsonl) was a traceback in `search rescore`; now one line, and the
+    report and metrics stay as they were."""
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(reported_run, d)
+    (d / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    p = run_cli("search", "rescore", str(d), timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and msg in p.stderr, p.stderr
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before
+
+
+def test_rescore_corrupt_transcript_record(reported_run, tmp_path):
+    """A transcript line that is valid JSON but not a call record was a KeyError/TypeError in replay; a corrupt
+    line in the middle is refused when its problem cannot be replayed, while a last line cut short by a crash is
+    the usual interrupted run."""
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(reported_run, d)
+    lines = (d / "transcripts.jsonl").read_text().splitlines(keepends=True)
+    rec = json.loads(lines[0])
+    for bad in ({**rec, "outputs": 5}, {**rec, "usage": {"prompt": "ten"}}, {**rec, "phase": "dance"}, [rec]):
+        (d / "transcripts.jsonl").write_text(json.dumps(bad) + "\n" + "".join(lines[1:]))
+        with pytest.raises(ScalelabError, match=r"transcripts.jsonl:1: not a call record, and 1 problem\(s\) cannot"):
+            search.analyse(d)
+    (d / "transcripts.jsonl").write_text("".join(lines[1:]) + lines[0][:20])  # cut short: that problem is unfinished
+    assert search.analyse(d)["problems"] == 2

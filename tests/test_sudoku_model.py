@@ -75,6 +75,20 @@ def test_tiny_training_round_and_local_search(tmp_path):
     m = search.analyse(tmp_path / "s")
     assert m["problems"] == 2 and m["usage"]["verify"]["calls"] >= 2 * 3
     assert all(0 <= v <= 1 for v in m["accuracy"].values())
+    # a problem's verifications and a round's tie-breaks as one continuous batch: the same calls, samples and
+    # selections as one call after another (per-sample seeds), on the real engine
+    cfg = search.SearchConfig(backend=str(run), task="sudoku:4", n_problems=3, prompts="sudoku", k_inf=4,
+                              k_verif=2, k_tie=2, max_tokens=24, verify_max_tokens=40, seeds=3, threads=1,
+                              threshold=0.5)
+    backend = search.search_backend(str(run))
+    runs = {}
+    for batched in (False, True):
+        recs = search.run_search(cfg, tmp_path / f"b{batched}", gen=backend, ver=backend, batched=batched)
+        lines = [json.loads(x) for x in (tmp_path / f"b{batched}" / "transcripts.jsonl").read_text().splitlines()]
+        runs[batched] = ({r["key"]: (r["outputs"], r["seed"], r["usage"]["completion"]) for r in lines},
+                         [(r.pick, r.scores(), r.played) for r in recs])
+    assert runs[True] == runs[False]
+    assert any(k.startswith("tie:") for k in runs[True][0]) and sum(k.startswith("ver:") for k in runs[True][0]) == 12
 
 
 class _Stub(BaseHTTPRequestHandler):

@@ -260,3 +260,65 @@ def test_sample_and_report(reference_run):
     p = run_cli("report", "--run", str(reference_run), check=True)
     text = (reference_run / "report.md").read_text()
     assert "final val loss" in text and "bits/byte" in text and "![loss](loss.png)" in text
+
+
+# ------------------------------------------------------------------------------------------- train.dtype
+@pytest.fixture(scope="module")
+def bf16_run(corpus_dir, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16") / "run"
+    run_cli("train", "--quiet", "--out", str(out),
+            *tiny_overrides(corpus_dir, cache_dir, **{"train.dtype": "bfloat16"}), check=True)
+    return out
+
+
+def test_bf16_cpu_training_learns_with_fp32_master_weights(bf16_run, reference_run):
+    assert 'dtype = "bfloat16"' in (bf16_run / "config.toml").read_text()  # the resolved dtype is recorded
+    assert 'dtype = "float32"' in (reference_run / "config.toml").read_text()  # auto on CPU
+    rows = [json.loads(line) for line in (bf16_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(train) == 30 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5 and evals == sorted(evals, reverse=True)  # it learns
+    # Autocast really ran: the same weights and batch at step 1 give a slightly different loss than fp32.
+    fp32_first = json.loads((reference_run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert train[0]["loss"] != fp32_first and abs(train[0]["loss"] - fp32_first) < 0.05
+    ck = sorted((bf16_run / "checkpoints").glob("step_*"))[-1]
+    for name in ("model.safetensors", "optim.safetensors"):  # fp32 master weights and AdamW moments
+        tensors = load_file(str(ck / name))
+        assert {t.dtype for k, t in tensors.items() if t.is_floating_point()} == {torch.float32}, name
+
+
+def test_bf16_resume_is_bitwise_exact(bf16_run, corpus_dir, cache_dir, tmp_path):
+    """A bf16 run resumed from its step-25 checkpoint (the step-30 one lost) ends bitwise-equal to the
+    uninterrupted run: CPU autocast is deterministic and the state it needs is all in the checkpoint."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(bf16_run, out)
+    shutil.rmtree(out / "checkpoints" / "step_0000030")
+    run_cli("train", "--quiet", "--resume", "--out", str(out),
+            *tiny_overrides(corpus_dir, cache_dir, **{"train.dtype": "bfloat16"}), check=True)
+    assert_same_final_state(bf16_run, out)
+
+
+def test_train_dtype_validation_and_the_bf16_alias(corpus_dir, cache_dir, tmp_path, caplog):
+    from scalelab import config
+    from scalelab.errors import ConfigError
+    from scalelab.train import resolve_dtype
+
+    assert config.load("tiny").train.dtype == "auto" and "bf16" not in config.to_toml(config.load("tiny"))
+    assert [resolve_dtype("auto", torch.device(d)) for d in ("cpu", "cuda")] == ["float32", "bfloat16"]
+    config._bf16_warned = False
+    with caplog.at_level("WARNING", logger="scalelab"):
+        assert config.load("tiny", ["train.bf16=false"]).train.dtype == "float32"
+        assert config.load("tiny", ["train.bf16=true"]).train.dtype == "auto"  # bf16 on CUDA, fp32 on CPU
+        assert config.load("tiny", ["train.bf16=false", "train.dtype=bfloat16"]).train.dtype == "bfloat16"
+    assert sum("train.bf16 is deprecated" in r.getMessage() for r in caplog.records) == 1  # once
+    with pytest.raises(ConfigError, match="train.bf16 must be true or false"):
+        config.load("tiny", ["train.bf16=maybe"])
+    p = run_cli("train", "--quiet", "--out", str(tmp_path / "o"), *tiny_overrides(corpus_dir, cache_dir),
+                "--set", "train.dtype=float16")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "train.dtype must be auto, float32 or bfloat16, got 'float16'" in lines[0]
+    assert not (tmp_path / "o").exists()

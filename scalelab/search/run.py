@@ -56,13 +56,13 @@ from typing import Any
 import numpy as np
 
 from scalelab import config as configmod
-from scalelab.backends import Backend, BackendError, Prompt, canonical_spec, make_backend
+from scalelab.backends import Backend, BackendError, Prompt, canonical_spec, generate_many, make_backend
 from scalelab.engine import SamplingParams
 from scalelab.errors import ScalelabError
 from scalelab.report import make_dir, write_json
-from scalelab.search import tasks as tasksmod
+from scalelab.search import cost as costmod, tasks as tasksmod
 from scalelab.search.formats import STYLES, make_format, prompt_file
-from scalelab.search.select import select
+from scalelab.search.select import needs_tiebreak, select, shortlist
 
 log = logging.getLogger("scalelab")
 
@@ -143,17 +143,21 @@ class Transcripts:
     """Append-only `transcripts.jsonl`: one JSON line per model call, keyed. A line cut short by a crash is
     ignored (and its call redone)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, phases: tuple[str, ...] = costmod.PHASES):
         self.path = path
         self.records: dict[str, dict] = {}
+        self.bad_lines: list[int] = []  # corrupt lines: not a call record
         if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
+            with open(path, "rb") as f:
+                for no, raw in enumerate(f, 1):
                     try:
-                        r = json.loads(line)
+                        r = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError):
+                        r = None
+                    if _is_call(r, phases):
                         self.records[r["key"]] = r
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue
+                    elif raw.strip() and raw.endswith(b"\n"):  # (a last line without one was cut short by a crash)
+                        self.bad_lines.append(no)
         self.new_calls = 0
 
     def get(self, key: str) -> dict | None:
@@ -165,6 +169,21 @@ class Transcripts:
         self.records[rec["key"]] = rec
         self.new_calls += 1
         return rec
+
+
+def _is_call(r: object, phases: tuple[str, ...]) -> bool:
+    """A transcript line as `Searcher.call` writes it, as far as replay and analysis read it."""
+    def count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not (isinstance(r, dict) and isinstance(r.get("key"), str) and r.get("phase") in phases
+            and isinstance(r.get("usage"), dict) and all(count(v) for v in r["usage"].values())
+            and isinstance(r.get("outputs"), list)
+            and all(isinstance(o, dict) and isinstance(o.get("text"), str) for o in r["outputs"])):
+        return False
+    if r["key"].startswith("vprob:"):  # a P(Yes) query: no text, a probability
+        return isinstance(r.get("p_yes"), int | float) and not isinstance(r["p_yes"], bool)
+    return len(r["outputs"]) > 0
 
 
 # =========================================================================================== the run
@@ -190,11 +209,13 @@ class Searcher:
     """Runs (or resumes) a primary run, call by call, writing every call to the transcripts."""
 
     def __init__(self, cfg: SearchConfig, run_dir: Path, task: tasksmod.Task, gen: Backend | None,
-                 ver: Backend | None, fmt, judge: Backend | None = None):
+                 ver: Backend | None, fmt, judge: Backend | None = None, batched: bool = True):
         self.cfg, self.run_dir, self.task, self.gen, self.ver, self.fmt = cfg, Path(run_dir), task, gen, ver, fmt
         self.judge = judge
+        self.batched = batched  # a problem's verifications, and a round's tie-breaks, as one batched call
         self.tr = Transcripts(self.run_dir / "transcripts.jsonl")
-        self.grades = Transcripts(self.run_dir / "judge.jsonl")  # the LLM judge's calls: grading, not the method
+        # the LLM judge's calls: grading, not the method
+        self.grades = Transcripts(self.run_dir / "judge.jsonl", ("judge",))
 
     def call(self, key: str, phase: str, pid: str, backend: Backend | None, prompt: Prompt, n: int = 1,
              temperature: float = 0.0, max_tokens: int = 0, stop: list[str] | None = None,
@@ -213,6 +234,38 @@ class Searcher:
         else:
             r = backend.generate(prompt, SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature,
                                                         seed=seed, stop=list(stop or [])))
+        return self._record(key, phase, pid, backend, prompt, n, temperature, max_tokens, seed, r,
+                            time.perf_counter() - t0, tr)
+
+    def prefetch(self, calls: list[tuple]) -> None:
+        """Make these generation calls (`call`'s positional arguments: key, phase, pid, backend, prompt, n,
+        temperature, max_tokens, stop) as one batched backend request where the backend can, each recorded as
+        its own transcript line exactly as `call` would (same seed, so the same samples); the batch's wall time
+        is shared evenly between its calls. Calls already in the transcripts are skipped."""
+        todo = [c for c in calls if self.tr.get(c[0]) is None]
+        by_backend: dict[int, list[tuple]] = defaultdict(list)
+        for c in todo:
+            if c[3] is not None:
+                by_backend[id(c[3])].append(c)
+        for group in by_backend.values():
+            if len(group) == 1:
+                continue  # `call` makes it when it is asked for
+            backend = group[0][3]
+            params = [SamplingParams(n=n, max_tokens=mt, temperature=t, seed=derive_seed(self.cfg.seed, key),
+                                     stop=list(stop or [])) for key, _, _, _, _, n, t, mt, stop in group]
+            t0 = time.perf_counter()
+            responses = generate_many(backend, [(c[4], sp) for c, sp in zip(group, params)])
+            share = (time.perf_counter() - t0) / max(1, len(responses))
+            failure = None
+            for (key, phase, pid, _, prompt, n, t, mt, _), sp, r in zip(group, params, responses):
+                if isinstance(r, BackendError):
+                    failure = failure or r
+                else:  # what finished is kept, so a resume redoes only the rest
+                    self._record(key, phase, pid, backend, prompt, n, t, mt, sp.seed, r, share, self.tr)
+            if failure is not None:
+                raise failure
+
+    def _record(self, key, phase, pid, backend, prompt, n, temperature, max_tokens, seed, r, seconds, tr) -> dict:
         return tr.add({
             "key": key, "phase": phase, "problem": pid, "backend": backend.name, "price": backend.price,
             "prompt": prompt, "n": n, "temperature": temperature, "max_tokens": max_tokens, "seed": seed,
@@ -220,7 +273,7 @@ class Searcher:
             "p_yes": r.p_yes,
             "usage": {"prompt": r.prompt_tokens, "completion": r.completion_tokens, "cached": r.cached_tokens,
                       "naive_prompt": r.naive_prompt_tokens},
-            "seconds": round(time.perf_counter() - t0, 4)})
+            "seconds": round(seconds, 4)})
 
     # --- phases ------------------------------------------------------------------------------------------
     def run_problem(self, p: tasksmod.Problem) -> ProblemRecord:
@@ -239,13 +292,17 @@ class Searcher:
             rec.verdicts = [[float(ok)] * c.k_verif for ok in rec.correct]
         else:
             first = c.prelim_k if c.prelim else c.k_verif
+            if self.batched:
+                self.prefetch([self._verify_call(rec, i, 0, first) for i in range(k)])
             for i in range(k):
                 self._verify(rec, i, 0, first)
             if c.prelim:
                 self._prelim_filter(rec)
-                for i in range(k):
-                    if not rec.dropped[i]:
-                        self._verify(rec, i, 1, c.k_verif - c.prelim_k)
+                live = [i for i in range(k) if not rec.dropped[i]]
+                if self.batched:
+                    self.prefetch([self._verify_call(rec, i, 1, c.k_verif - c.prelim_k) for i in live])
+                for i in live:
+                    self._verify(rec, i, 1, c.k_verif - c.prelim_k)
         if c.tiebreak:
             self._select(rec)
         return rec
@@ -263,10 +320,22 @@ class Searcher:
         text = r["outputs"][0]["text"].strip().lower() if r["outputs"] else ""
         return text.startswith("yes")
 
+    def _verify_call(self, rec: ProblemRecord, i: int, part: int, n: int) -> tuple:
+        c, p = self.cfg, rec.problem
+        return (f"ver:{p.id}:{i}:{part}", "verify", p.id, self.ver, self.fmt.verify(p, rec.responses[i]), n,
+                c.verify_temperature, c.verify_max_tokens, self.fmt.stop)
+
+    def _tie_calls(self, rec: ProblemRecord, i: int, j: int) -> list[tuple]:
+        """The (up to two) tie-break calls of matchup (i, j): i shown first for ⌈k_tie/2⌉ samples, then j."""
+        c, p = self.cfg, rec.problem
+        return [(f"tie:{p.id}:{i}:{j}:{part}", "tiebreak", p.id, self.ver,
+                 self.fmt.compare(p, rec.responses[a], rec.responses[b]), n, c.tie_temperature, c.verify_max_tokens,
+                 self.fmt.stop)
+                for part, (a, b, n) in enumerate([(i, j, (c.k_tie + 1) // 2), (j, i, c.k_tie // 2)]) if n > 0]
+
     def _verify(self, rec: ProblemRecord, i: int, part: int, n: int) -> None:
         c, p, resp = self.cfg, rec.problem, rec.responses[i]
-        v = self.call(f"ver:{p.id}:{i}:{part}", "verify", p.id, self.ver, self.fmt.verify(p, resp), n,
-                      c.verify_temperature, c.verify_max_tokens, self.fmt.stop)
+        v = self.call(*self._verify_call(rec, i, part, n))
         for j, o in enumerate(v["outputs"]):
             verdict = self.fmt.parse_verdict(o["text"])
             if c.score == "prob":
@@ -303,12 +372,8 @@ class Searcher:
                 rec.tie_votes[(i, j)] = (0.0, 0.0)
                 return 0.0, 0.0  # identical responses: nothing diverges, a draw without a call
             vi = vj = 0.0
-            for part, (a, b, n) in enumerate([(i, j, (c.k_tie + 1) // 2), (j, i, c.k_tie // 2)]):
-                if n == 0:
-                    continue
-                r = self.call(f"tie:{p.id}:{i}:{j}:{part}", "tiebreak", p.id, self.ver,
-                              self.fmt.compare(p, rec.responses[a], rec.responses[b]), n, c.tie_temperature,
-                              c.verify_max_tokens, self.fmt.stop)
+            for (a, b), call in zip([(i, j), (j, i)], self._tie_calls(rec, i, j)):
+                r = self.call(*call)
                 for o in r["outputs"]:
                     w = self.fmt.parse_winner(o["text"])
                     side = a if w == "A" else b if w == "B" else None
@@ -330,6 +395,12 @@ class Searcher:
         if votes is not None:
             inner = votes
             votes = lambda a, b: inner(live[a], live[b])  # noqa: E731 - index map into the live set
+            keys = [rec.keys[i] for i in live]
+            if self.batched and needs_tiebreak(sub_scores, keys, self.cfg.trigger, self.cfg.threshold):
+                sl = [live[i] for i in shortlist(sub_scores, self.cfg.threshold)]  # the round robin plays every pair
+                self.prefetch([call for a, i in enumerate(sl) for j in sl[a + 1:]
+                               if rec.responses[i].strip() != rec.responses[j].strip()
+                               for call in self._tie_calls(rec, i, j)])
         pick, played = select(sub_scores, [rec.keys[i] for i in live], self.cfg.trigger, self.cfg.threshold, votes)
         rec.pick, rec.played = live[pick], [live[i] for i in played]
 
@@ -341,7 +412,7 @@ def prepare_run(cfg: SearchConfig, run_dir: Path, resume: bool) -> tasksmod.Task
     run_dir = Path(run_dir)
     cfg_path = run_dir / "search.json"
     if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
+        old = _read_settings(cfg_path)
         spec = {"backend", "verifier", "judge"}  # `local:X` / `run:X` (older runs) name the same model as X
         changed = [f for f in SearchConfig.CALL_FIELDS
                    if (canonical_spec(old.get(f) or "") if f in spec else old.get(f))
@@ -362,16 +433,64 @@ def prepare_run(cfg: SearchConfig, run_dir: Path, resume: bool) -> tasksmod.Task
     return task
 
 
+def _problem(row: object) -> tasksmod.Problem | None:
+    """A problems.jsonl row as `prepare_run` writes it, or None."""
+    fields = {f.name for f in dataclasses.fields(tasksmod.Problem)}
+    if not (isinstance(row, dict) and set(row) <= fields
+            and all(isinstance(row.get(k), str) for k in ("id", "question", "answer"))
+            and row.get("kind", "number") in ("number", "math", "sudoku") and isinstance(row.get("meta", {}), dict)):
+        return None
+    p = tasksmod.Problem(**row)
+    return None if p.kind == "sudoku" and p.meta.get("size", 4) not in (4, 6, 9) else p
+
+
 def load_problems(run_dir: Path, cfg: SearchConfig) -> tasksmod.Task:
-    rows = [json.loads(line) for line in (Path(run_dir) / "problems.jsonl").read_text().splitlines() if line.strip()]
-    return tasksmod.Task(cfg.task, [tasksmod.Problem(**r) for r in rows])
+    path = Path(run_dir) / "problems.jsonl"
+    if not path.is_file():
+        raise ScalelabError(f"{run_dir} is not a search run (no problems.jsonl)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ScalelabError(f"{path} is corrupt: not UTF-8 text") from None
+    problems = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            p = _problem(json.loads(line))
+        except json.JSONDecodeError:
+            p = None
+        if p is None:
+            raise ScalelabError(f"{path}:{no}: not a problem record (a JSON object with id, question and answer "
+                                "strings, as the search wrote it)")
+        problems.append(p)
+    return tasksmod.Task(cfg.task, problems)
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """search.json as a dict, or one error naming the file."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ScalelabError(f"{path} is corrupt: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ScalelabError(f"{path} is corrupt: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(values, dict):
+        raise ScalelabError(f"{path} is corrupt: expected a JSON object of search settings, "
+                            f"got {type(values).__name__}")
+    return values
 
 
 def load_config(run_dir: Path) -> SearchConfig:
     path = Path(run_dir) / "search.json"
     if not path.is_file():
         raise ScalelabError(f"{run_dir} is not a search run (no search.json)")
-    return configmod.make_section(SearchConfig, "search", json.loads(path.read_text()))
+    try:
+        cfg = configmod.make_section(SearchConfig, "search", _read_settings(path))
+        cfg.validate()
+    except ScalelabError as e:
+        raise ScalelabError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    return cfg
 
 
 def search_backend(spec: str, retries: int = 3) -> Backend:
@@ -381,8 +500,10 @@ def search_backend(spec: str, retries: int = 3) -> Backend:
 
 def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backend | None = None,
                ver: Backend | None = None, progress: Callable[[int, int], None] | None = None,
-               judge: Backend | None = None) -> list[ProblemRecord]:
-    """The primary run: every problem's samples, verifications and tie-breaks, resumable."""
+               judge: Backend | None = None, batched: bool = True) -> list[ProblemRecord]:
+    """The primary run: every problem's samples, verifications and tie-breaks, resumable. `batched`: each
+    problem's verifications, and each tie-break round, as one batched backend call (the same calls and
+    samples as one by one)."""
     cfg.validate()
     if cfg.threads:
         import torch
@@ -395,7 +516,7 @@ def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backe
     if judge is None and cfg.judge:
         judge = search_backend(cfg.judge, cfg.retries)
     task = prepare_run(cfg, run_dir, resume)
-    s = Searcher(cfg, run_dir, task, gen, ver, make_format(cfg.prompts), judge)
+    s = Searcher(cfg, run_dir, task, gen, ver, make_format(cfg.prompts), judge, batched=batched)
     out = []
     for n, p in enumerate(task.problems):
         try:
@@ -424,6 +545,9 @@ def replay(run_dir: Path, trigger: str | None = None) -> tuple[SearchConfig, tas
             recs.append(s.run_problem(p))
         except ScalelabError:
             continue
+    if s.tr.bad_lines and len(recs) < len(task.problems):  # a corrupt record would silently drop its problem
+        raise ScalelabError(f"{s.tr.path}:{s.tr.bad_lines[0]}: not a call record, and {len(task.problems) - len(recs)} "
+                            f"problem(s) cannot be replayed without their calls; resume the search to redo them")
     if not recs:
         raise ScalelabError(f"{run_dir} has no finished problem yet")
     return cfg, task, recs, s.tr

@@ -1,0 +1,280 @@
+"""Weight-only quantisation for CPU inference: int8 per output channel, int4 in groups of 32.
+
+`quantize(model, mode)` replaces every `nn.Linear` of a Transformer (the output head included) by a
+`QuantLinear` and casts the rest of the model (embeddings, norms, hence the KV cache) to bfloat16. A
+`QuantLinear` runs torch's weight-only CPU kernels, which are fast with bfloat16 activations and slow with
+float32 ones (M=1, one thread, 576×1536: int4 74 µs, int8 112 µs, fp32 F.linear 193 µs):
+- int4: `aten._weight_int4pack_mm_for_cpu`, weights packed by `aten._convert_weight_to_int4pack_for_cpu`,
+  one bfloat16 (scale, zero) pair per group of 32 inputs and output channel; the kernel dequantises
+  w = (q - 8)·scale + zero, q ∈ [0, 15] (checked against a dequantised fp32 matmul in tests/test_quant.py).
+  A GGUF Q4_0 block (w = d·(q - 8)) or Q4_1 block (w = d·q + m) is exactly such a group: scale = d,
+  zero = 0 or m + 8d, up to the bfloat16 rounding of the two numbers (`QuantLinear.int4`; gguf.py).
+- int8: `aten._weight_int8pack_mm`, int8 weights and one bfloat16 scale per output channel.
+- Q8_0 blocks (w = d·q, q int8, one d per 32 inputs) have no exact int8-per-channel form. `QuantLinear.q8_0`
+  keeps them exactly as two int4 planes, q = 16·hi + lo (hi ∈ [-8, 7] with scale 16d, lo ∈ [0, 15] with
+  scale d), one int4 matmul over 2N outputs whose halves are summed in fp32. It reads the same bytes as int8
+  and costs about the same (SmolLM2's Q8_0 head, one row: 9.9 ms vs 9.8 ms for int8, on a loaded 2-core CPU).
+Quantisation from float weights is round-to-nearest: int4 asymmetric (each group's min..max onto 0..15),
+int8 symmetric (max |w| → 127), both computed against the bfloat16-rounded scales the kernels use.
+
+Notable choices:
+- Shapes: the int4 kernel needs K % 32 == 0 and N % 16 == 0. A layer that does not fit falls back to int8
+  (with a log line) rather than refusing the whole mode; int8 takes any shape.
+- Tied embeddings: the table stays a bfloat16 `nn.Embedding` for the lookup, and the head becomes a separate
+  quantised copy (the head is the largest matmul of a small model and the one that gains most at one row).
+  With more than `TIED_ROWS` rows (batched decode, prefill) the head multiplies by that bf16 table instead:
+  the kernels' cost grows with the rows, a dense bf16 matmul's hardly does (SmolLM2's head, 16 rows: 17 ms
+  dense vs 57 ms as Q8_0 planes on a loaded 2-core CPU), and the table is there anyway.
+- The head returns fp32 logits (its kernel sums in fp32; the Q8_0 planes are added in fp32).
+- Many rows at once (prefill, scoring, more than `DENSE_ROWS[mode]` rows): the weight-only kernels cost
+  about as much per row as at one row, so a call with more rows dequantises the weight to bfloat16 and runs
+  one dense matmul instead (same weights, only the summation order differs). Decode of a few samples takes
+  the kernels.
+- Output dtype = input dtype: with a bfloat16 model everything stays bfloat16; an fp32 input is rounded to
+  bfloat16 for the kernel and its result returned as fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scalelab.errors import ScalelabError
+
+log = logging.getLogger("scalelab")
+
+MODES = ("none", "int8", "int4")
+GROUP = 32  # int4 inputs per (scale, zero) pair: a GGUF Q4_0 / Q4_1 / Q8_0 block
+# Above this many rows per call, dequantise once and run a dense bf16 matmul (the crossover, measured on
+# 1536×576 with one thread: the int8 dequantisation is one cheap pass, the int4 one unpacks nibbles).
+DENSE_ROWS = {"int8": 16, "int4": 128}
+TIED_ROWS = 4  # a tied head above this many rows multiplies by the bf16 embedding table it shares
+_BLOCK_N = 64  # torch's CPU int4 packing interleaves output channels in blocks of 64 (see `_unpack_int4`)
+_CHUNK = 64 * _BLOCK_N  # rows packed (and checked) at a time
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ScalelabError(f"--quant must be one of {' | '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def int4_fits(n: int, k: int) -> bool:
+    """Whether torch's int4 CPU kernel takes an (out=n, in=k) weight."""
+    return k % GROUP == 0 and n % 16 == 0 and n > 0
+
+
+def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (n, k) nibbles of a `_convert_weight_to_int4pack_for_cpu` result, uint8 in [0, 15].
+
+    The layout (torch 2.x): for each full block of 64 output channels and each input k, 32 bytes whose low
+    nibbles are channels 0..31 of the block and high nibbles channels 32..63; then the r = N mod 64 channels
+    left, for each k r/2 bytes, channel 2j in the low nibble of byte j and 2j + 1 in the high one. It is
+    torch-internal, so `QuantLinear.int4` checks it on the layer's own weight and, where it does not hold,
+    dequantises through the kernel instead (`QuantLinear.dequantize`)."""
+    full = n // _BLOCK_N * _BLOCK_N
+    flat = packed.reshape(-1)
+    p = flat[:full * k // 2].view(n // _BLOCK_N, k, _BLOCK_N // 2)
+    head = torch.cat([p & 15, p >> 4], dim=2).transpose(1, 2).reshape(full, k)
+    if full == n:
+        return head
+    t = flat[full * k // 2:].view(k, (n - full) // 2)
+    tail = torch.stack([t & 15, t >> 4], dim=2).reshape(k, n - full).t()
+    return torch.cat([head, tail])
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with int4 (group 32) or int8 (per output channel) weights, computing in bf16."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, planes: int = 1):
+        super().__init__()
+        if mode not in ("int8", "int4"):
+            raise ScalelabError(f"QuantLinear mode must be int8 or int4, got {mode!r}")
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.planes = planes  # int4 only: 2 = the rows hold [hi; lo] planes of int8 values, summed (`q8_0`)
+        self.dense_ok = mode == "int8"
+        self.out_dtype: torch.dtype | None = None  # None: the input's dtype (the head sets float32)
+        self.tied: torch.Tensor | None = None  # a tied head's bf16 embedding table (`quantize`), not a buffer
+
+    # ---- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def int4(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> QuantLinear:
+        """From nibbles q (N, K) in [0, 15] and per-group scale, zero (N, K/32): w = (q - 8)·scale + zero."""
+        n, k = q.shape
+        if not int4_fits(n, k) or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
+            raise ScalelabError(f"int4 needs an (N, K) weight with K % {GROUP} == 0 and N % 16 == 0 and "
+                                f"(N, K/{GROUP}) scales; got {tuple(q.shape)} and {tuple(scale.shape)}")
+        self = cls(k, n, "int4")
+        self._pack(q, scale, zero)
+        return self
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Pack nibbles q (rows, K) (any integer dtype) in chunks of `_CHUNK` rows, so that the int32 copy the
+        packing op wants stays small (SmolLM2's head planes: 98304 rows). Chunks are whole 64-channel blocks,
+        whose packed bytes are contiguous and in order (`_unpack_int4`), which the check below confirms."""
+        n, k = q.shape
+        step = _CHUNK if n % _BLOCK_N == 0 else n
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q[a:a + step].to(torch.int32).contiguous(), 2) for a in range(0, n, step)])
+        flat = packed.reshape(-1)
+        ok = flat.numel() * 2 == n * k and all(
+            torch.equal(_unpack_int4(flat[a * k // 2:min(n, a + step) * k // 2], min(n, a + step) - a, k),
+                        q[a:a + step].to(torch.uint8)) for a in range(0, n, step))
+        if not ok and step < n:  # not the layout assumed: pack in one piece, dequantise through the kernel
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/32, N, 2)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", sz)
+        self.dense_ok = ok
+
+    @classmethod
+    def q8_0(cls, q: torch.Tensor, d: torch.Tensor) -> QuantLinear:
+        """Exactly (up to bf16 rounding of d) w = d·q from int8 q (N, K) and per-block d (N, K/32), as two int4
+        planes: q = 16·hi + lo, lo = q mod 16 ∈ [0, 15], hi = q >> 4 ∈ [-8, 7]."""
+        n, k = q.shape
+        if not int4_fits(n, k) or d.shape != (n, k // GROUP):
+            raise ScalelabError(f"q8_0 needs an (N, K) weight with K % {GROUP} == 0 and N % 16 == 0 and "
+                                f"(N, K/{GROUP}) scales; got {tuple(q.shape)} and {tuple(d.shape)}")
+        self = cls(k, n, "int4", planes=2)
+        q = q.to(torch.int8)
+        lo, hi = q & 15, q >> 4  # arithmetic shift: hi·16 + lo == q (int8 throughout: 1 byte a value)
+        d = d.float()
+        # hi plane: nibble hi + 8, (nibble - 8)·16d + 0; lo plane: nibble lo, (nibble - 8)·d + 8d
+        self._pack(torch.cat([hi + 8, lo]), torch.cat([16 * d, d]), torch.cat([torch.zeros_like(d), 8 * d]))
+        return self
+
+    @classmethod
+    def int8(cls, q: torch.Tensor, scale: torch.Tensor) -> QuantLinear:
+        """From int8 q (N, K) and per-channel scale (N,): w = q·scale."""
+        n, k = q.shape
+        self = cls(k, n, "int8")
+        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(torch.bfloat16).contiguous())
+        return self
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, mode: str) -> QuantLinear:
+        """Round-to-nearest from a float (N, K) weight. int4 falls back to int8 for shapes its kernel rejects."""
+        w = weight.detach().float()
+        n, k = w.shape
+        if mode == "int4" and not int4_fits(n, k):
+            log.info("int4 needs in %% %d == 0 and out %% 16 == 0: a (%d, %d) layer is quantised to int8",
+                     GROUP, n, k)
+            mode = "int8"
+        if mode == "int8":
+            return cls.int8(*rtn_int8(w))
+        return cls.int4(*rtn_int4(w))
+
+    # ---- use -----------------------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The (N, K) weight the kernel multiplies by (int4: needs `dense_ok`)."""
+        n, k = self.out_features, self.in_features
+        if self.mode == "int8":
+            return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+        if not self.dense_ok:  # a packed layout `_unpack_int4` does not know: the kernel times the identity
+            eye = torch.eye(k, dtype=torch.bfloat16)
+            w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales_and_zeros).t().float()
+            return (w[:n] + w[n:] if self.planes == 2 else w).to(dtype)
+        rows = n * self.planes
+        sz = self.scales_and_zeros  # (K/32, rows, 2) bf16
+        scale = sz[..., 0].t().contiguous()[..., None]  # (rows, K/32, 1)
+        offset = (sz[..., 1].float() - 8 * sz[..., 0].float()).t().contiguous()[..., None]
+        q = _unpack_int4(self.packed, rows, k).view(rows, k // GROUP, GROUP)
+        w = q.float().mul_(scale.float()).add_(offset).view(rows, k)  # in place, fp32: one rounding at the end
+        return (w[:n] + w[n:] if self.planes == 2 else w).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, out = x.shape, self.out_dtype or x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16 or not x2.is_contiguous():  # (decode calls this ~200 times a step)
+            x2 = x2.to(torch.bfloat16).contiguous()
+        if self.tied is not None and x2.shape[0] > TIED_ROWS:
+            y = F.linear(x2, self.tied)
+        elif x2.shape[0] > DENSE_ROWS[self.mode] and self.dense_ok:
+            y = F.linear(x2, self.dequantize())
+        elif self.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP, self.scales_and_zeros)
+            if self.planes == 2:
+                y = y[:, :self.out_features].float() + y[:, self.out_features:].float()
+        y = y.view(*shape[:-1], self.out_features)
+        return y if y.dtype == out else y.to(out)
+
+    def nbytes(self) -> int:
+        """Bytes of weights (and their scales) one full pass reads."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        kind = "q8_0 as two int4 planes" if self.planes == 2 else self.mode
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+def rtn_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest in groups of 32: (q uint8 (N, K), scale, zero (N, K/32)), bf16-exact."""
+    n, k = w.shape
+    g = w.float().view(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).to(torch.bfloat16).float()  # the numbers the kernel will hold
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.where(scale[..., None] > 0, (g - zero[..., None]) / safe[..., None] + 8, torch.full_like(g, 8.0))
+    return q.round().clamp(0, 15).to(torch.uint8).view(n, k), scale, zero
+
+
+def rtn_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest per output channel: (q int8 (N, K), scale (N,)), bf16-exact scale."""
+    scale = (w.float().abs().amax(1) / 127).to(torch.bfloat16).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (w.float() / safe[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize(model: nn.Module, mode: str, dtype: torch.dtype = torch.bfloat16,
+             layers: dict[str, QuantLinear] | None = None) -> nn.Module:
+    """Replace every nn.Linear of `model` by a QuantLinear (RTN from its weights, or `layers[name]` where given,
+    e.g. GGUF blocks mapped exactly) and cast the rest to `dtype`. Tied embeddings: the table stays (in
+    `dtype`) for the lookup and the head gets its own quantised copy. `none` returns the model unchanged."""
+    check_mode(mode)
+    if mode == "none":
+        return model
+    layers = layers or {}
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                if child.bias is not None:
+                    raise ScalelabError("quantize: only bias-free linear layers are supported")
+                full = f"{parent_name}.{name}" if parent_name else name
+                setattr(parent, name, layers.get(full) or QuantLinear.quantize(child.weight, mode))
+    model.to(dtype)
+    finish_head(model)
+    return model
+
+
+def finish_head(model: nn.Module) -> None:
+    """The quantised head returns fp32 logits; a tied one also gets the (bf16) embedding table it shares, for
+    calls with many rows (`TIED_ROWS`: from ~5 rows one dense bf16 matmul beats the kernels, no extra memory)."""
+    head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
+    if isinstance(head, QuantLinear):
+        head.out_dtype = torch.float32
+        tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+        if tied and emb is not None and emb.weight.dtype == torch.bfloat16 and \
+                emb.weight.shape == (head.out_features, head.in_features):
+            head.tied = emb.weight.detach()  # a plain tensor sharing the storage: not a parameter of the head
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every matmul (quantised or not, a tied head once) and the norms;
+    not the embedding table (a lookup reads one row)."""
+    total, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.nbytes()
+        elif not isinstance(m, nn.Embedding):
+            for p in m.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel() * p.element_size()
+    return total
