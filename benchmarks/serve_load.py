@@ -15,23 +15,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from servers import start_server
+
 PROMPT = "Write a long story about a dragon who learns to cook. Go on for a long time."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stream_one(port: int, tokens: int, seed: int, out: list) -> None:
@@ -89,21 +80,8 @@ def main() -> int:
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
 
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    server = subprocess.Popen([sys.executable, "-m", "scalelab.cli", "serve", "--model", args.model, "--port",
-                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port = start_server(args.model)
     try:
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                print("the server did not come up", file=sys.stderr)
-                return 1
-            try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/health")
-                break
-            except OSError:
-                time.sleep(0.5)
         run_round(port, 1, 8, 0)  # warm-up
         results: dict[int, list[dict]] = {c: [] for c in levels}
         for r in range(args.rounds):

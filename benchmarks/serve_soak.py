@@ -21,20 +21,13 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from servers import ROOT, start_server
+
 GREEDY = {"messages": [{"role": "user", "content": "Name three prime numbers."}], "max_tokens": 24, "temperature": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, path: str, raw: bytes, timeout: float = 120) -> tuple[int, bytes]:
@@ -123,22 +116,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds of the same traffic before the baseline")
     args = ap.parse_args()
 
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     errlog = open(ROOT / "runs" / "serve_soak.log" if (ROOT / "runs").is_dir() else os.devnull, "w")
-    server = subprocess.Popen([sys.executable, "-m", "scalelab.cli", "serve", "--model", args.model, "--port",
-                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=errlog)
+    server, port = start_server(args.model, stderr=errlog)
     try:
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None or time.time() > deadline:
-                print("the server did not come up", file=sys.stderr)
-                return 1
-            try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/health")
-                break
-            except OSError:
-                time.sleep(0.5)
         status, first = post(port, "/v1/chat/completions", json.dumps(GREEDY).encode())
         answer0 = json.loads(first)["choices"][0]["message"]["content"]
         lock = threading.Lock()
