@@ -7,9 +7,9 @@ greedy prompts are the first `--prompt-len` tokens of `--prompts` other files. N
 Per mode, against the fp32 reference on the same tokens:
 - mean per-token KL(fp32 ‖ quant) in nats, top-1 agreement (same argmax), perplexity ratio quant / fp32;
 - on two paths, because they compute differently: `prefill` (each window in one forward: the dequantise-then-
-  dense-matmul path of `quant.QuantLinear` for more than `quant.DENSE_ROWS` rows, as prompts and scoring run)
-  and `decode` (each window fed through the KV cache `--step` tokens at a time: the int4/int8 kernels, as
-  generation runs);
+  dense-matmul path of `quant.QuantLinear` for more rows than `quant.DENSE_ROWS[mode]`, and a tied head's
+  bf16 table, as prompts and scoring run) and `decode` (each window fed through the KV cache `--step` tokens
+  at a time: the int4/int8 kernels and the head's own quantised copy, as generation of a few samples runs);
 - greedy agreement: the share of prompts whose first `--gen` greedy tokens are identical to fp32's, and the
   mean length of the common prefix.
 Mode `bf16` (no quantisation, every tensor bf16) is listed for scale: it isolates what bf16 activations cost.

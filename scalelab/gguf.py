@@ -376,6 +376,7 @@ def read_weights(reader, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
         layer = "lm_head.weight" if tied_head else names[t.name]
         if quantised and quant == "int4" and t.tensor_type.name in INT4_EXACT and int4_fits(*shape):
             parts = _blocks(t, shape)
+            _release(reader)  # copied out
             heads = cfg.n_head if t.name.endswith("attn_q.weight") else \
                 cfg.n_kv_head if t.name.endswith("attn_k.weight") else 0
             if heads:  # the rows (output channels) are permuted; each row keeps its blocks
@@ -517,8 +518,26 @@ def load(model: str | Path = "smollm2", dtype: torch.dtype = torch.float32, quan
     # SmolLM2) before the weights, so that they are not part of the load's peak memory.
     for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
         del reader.fields[key]
+    _trim()
     weights = read_weights(reader, cfg, dtype if quant == "none" else torch.bfloat16, quant)
-    return GGUFModel(cfg=cfg, model=_build_model(cfg, weights), tokenizer=tok, **meta)
+    del reader
+    net = _build_model(cfg, weights)
+    del weights
+    _trim()
+    return GGUFModel(cfg=cfg, model=net, tokenizer=tok, **meta)
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing): the reader's many small
+    arrays leave holes that the weights, mostly large allocations, do not reuse."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",

@@ -111,20 +111,34 @@ class QuantLinear(nn.Module):
         self._pack(q, scale, zero)
         return self
 
-    def _pack(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        """Pack nibbles q (rows, K) (any integer dtype) in chunks of `_CHUNK` rows, so that the int32 copy the
-        packing op wants stays small (SmolLM2's head planes: 98304 rows). Chunks are whole 64-channel blocks,
-        whose packed bytes are contiguous and in order (`_unpack_int4`), which the check below confirms."""
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, planes: tuple = (None,)) -> None:
+        """Pack the nibbles of q (N, K), one plane per function in `planes` (None: q itself), the planes stacked
+        on the rows, `_CHUNK` rows at a time: the int32 copy the packing op wants stays small (SmolLM2's head:
+        2 × 49152 rows). Pieces are whole 64-channel blocks, whose packed bytes are contiguous and in order
+        (`_unpack_int4`), which the check confirms piece by piece."""
         n, k = q.shape
-        step = _CHUNK if n % _BLOCK_N == 0 else n
-        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q[a:a + step].to(torch.int32).contiguous(), 2) for a in range(0, n, step)])
-        flat = packed.reshape(-1)
-        ok = flat.numel() * 2 == n * k and all(
-            torch.equal(_unpack_int4(flat[a * k // 2:min(n, a + step) * k // 2], min(n, a + step) - a, k),
-                        q[a:a + step].to(torch.uint8)) for a in range(0, n, step))
-        if not ok and step < n:  # not the layout assumed: pack in one piece, dequantise through the kernel
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+
+        def nibbles(f, rows: torch.Tensor) -> torch.Tensor:
+            return (rows if f is None else f(rows)).to(torch.int32).contiguous()
+
+        def pack(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(x, 2)
+
+        pieces = [(f, a) for f in planes for a in range(0, n, _CHUNK)] if n % _BLOCK_N == 0 else []
+        ok, packed = False, None
+        if pieces:
+            packed = torch.cat([pack(nibbles(f, q[a:a + _CHUNK])) for f, a in pieces])
+            flat, at, ok = packed.reshape(-1), 0, packed.numel() * 2 == len(planes) * n * k
+            for f, a in pieces:
+                rows = min(n, a + _CHUNK) - a
+                ok = ok and torch.equal(_unpack_int4(flat[at:at + rows * k // 2], rows, k),
+                                        nibbles(f, q[a:a + rows]).to(torch.uint8))
+                at += rows * k // 2
+        if not ok:  # one piece (rows not in whole blocks, or a layout other than the assumed one)
+            whole = torch.cat([nibbles(f, q) for f in planes])
+            packed = pack(whole)
+            ok = packed.numel() * 2 == whole.numel() and torch.equal(_unpack_int4(packed, *whole.shape),
+                                                                     whole.to(torch.uint8))
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/32, N, 2)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", sz)
@@ -139,11 +153,11 @@ class QuantLinear(nn.Module):
             raise ScalelabError(f"q8_0 needs an (N, K) weight with K % {GROUP} == 0 and N % 16 == 0 and "
                                 f"(N, K/{GROUP}) scales; got {tuple(q.shape)} and {tuple(d.shape)}")
         self = cls(k, n, "int4", planes=2)
-        q = q.to(torch.int8)
-        lo, hi = q & 15, q >> 4  # arithmetic shift: hi·16 + lo == q (int8 throughout: 1 byte a value)
         d = d.float()
-        # hi plane: nibble hi + 8, (nibble - 8)·16d + 0; lo plane: nibble lo, (nibble - 8)·d + 8d
-        self._pack(torch.cat([hi + 8, lo]), torch.cat([16 * d, d]), torch.cat([torch.zeros_like(d), 8 * d]))
+        # hi plane: nibble hi + 8 (hi = q >> 4, an arithmetic shift), (nibble - 8)·16d + 0;
+        # lo plane: nibble lo = q & 15, (nibble - 8)·d + 8d; hi·16 + lo == q
+        self._pack(q.to(torch.int8), torch.cat([16 * d, d]), torch.cat([torch.zeros_like(d), 8 * d]),
+                   planes=(lambda c: (c >> 4) + 8, lambda c: c & 15))
         return self
 
     @classmethod

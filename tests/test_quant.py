@@ -240,3 +240,21 @@ def test_tied_head_uses_the_table_for_many_rows(files):
     many, one = head(x), torch.cat([head(r[None]) for r in x])  # the table vs the Q8_0 planes, row by row
     assert many.dtype == one.dtype == torch.float32
     assert close(many, one, rel=2e-2)
+
+
+def test_lab_run_quantises_on_load(tmp_path):
+    from scalelab import checkpoint, config as configmod
+
+    torch.manual_seed(0)
+    tok = train_bpe(TEXTS, 300)
+    cfg = configmod.load(None, ["model.d_model=64", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2",
+                                "model.context=64", f"model.vocab_size={tok.get_vocab_size()}"])
+    (tmp_path / "config.toml").write_text(configmod.to_toml(cfg))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    checkpoint.save(tmp_path / "checkpoints", 1, Transformer(cfg.model), None, {"step": 1}, keep_last=1)
+    fp, q8 = LocalBackend(str(tmp_path), quant="auto"), LocalBackend(str(tmp_path), quant="int8")
+    assert fp.quant == "none" and q8.quant == "int8"  # a run's default: float, as trained
+    assert sum(isinstance(m, Q.QuantLinear) for m in q8.model.modules()) == 7 * 2 + 1
+    prompt = "def add(a"
+    a, b = fp.score(prompt, [" b):"])[0].logprob, q8.score(prompt, [" b):"])[0].logprob
+    assert abs(a - b) <= 0.05 * abs(a) + 0.1, (a, b)
