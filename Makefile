@@ -30,11 +30,17 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
 # The decode benchmark's baseline: llama.cpp through llama-cpp-python, built from source by pip (needs cmake and a
-# C++ compiler; on 2 busy cores the build takes about an hour), then the benchmark itself.
+# C++ compiler; on 2 busy cores the build takes about an hour), then the benchmark itself. The build targets this
+# CPU (GGML_NATIVE) but without AMX on x86: VMs may advertise AMX without enabling it, and ggml's AMX kernels then
+# die on SIGILL (seen on this project's machines). LLAMA_CMAKE_ARGS= builds it plain.
 LLAMA_CPP ?= llama-cpp-python==0.3.36
+# Threads on both sides of the benchmark (0 = torch's default; 1 on a shared machine).
+BENCH_THREADS ?= 0
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)")
 bench-llamacpp: $(STAMP)
-	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install "$(LLAMA_CPP)"
-	$(PY) benchmarks/decode.py
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install "$(LLAMA_CPP)"
+	$(PY) benchmarks/decode.py --threads $(BENCH_THREADS)
 
 clean:
 	rm -rf runs .pytest_cache

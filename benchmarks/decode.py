@@ -182,7 +182,8 @@ def main() -> None:
     base_single()  # warm-ups
     for arm in arms:
         ours_single(arm)
-    rounds: dict[str, list] = {k: [] for k in ["base_a", "base_b", *(f"{a}_a" for a in arms), *(f"{a}_b" for a in arms)]}
+    keys = ["base_a", "base_b", *(f"{a}_a" for a in arms), *(f"{a}_b" for a in arms)]
+    rounds: dict[str, list] = {k: [] for k in keys}
     for r in range(args.repeats):  # interleaved: every arm and the baseline in every round
         rounds["base_a"].append(base_single())
         for arm in arms:

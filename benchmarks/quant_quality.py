@@ -110,7 +110,8 @@ def main() -> None:
     print(f"text: {len(texts)} windows x {args.chunk} tokens of Python stdlib source = {n_tok} predicted tokens; "
           f"greedy: {len(prompts)} prompts of {args.prompt_len} tokens, {args.gen} new tokens each")
     print(f"fp32 perplexity {math.exp(nll_ref / n_tok):.3f}")
-    print("| mode | path | mean KL (nats/token) | top-1 agreement | ppl ratio | greedy identical | mean common prefix |")
+    print("| mode | path | mean KL (nats/token) | top-1 agreement | ppl ratio | greedy identical | "
+          "mean common prefix |")
     print("|---|---|---|---|---|---|---|")
     for m in models:
         for path in ("prefill", "decode"):

@@ -34,7 +34,7 @@ app.add_typer(search_app, name="search")
 MODEL_HELP = "smollm2, a .gguf file, a run directory, or openai:<url>#<model>"
 DTYPE_HELP = "float32 (default) or bfloat16 (faster, changes answers); for --quant none (int8/int4 run in bfloat16)"
 QUANT_HELP = ("auto (default): int4 for GGUF files whose matmuls are all Q4_0/Q4_1/Q8_0, e.g. smollm2 (it keeps their "
-              "blocks exactly; vs fp32 on 20k tokens: KL 0.0013 nats/token, top-1 97.6%, 2.2x single-stream speed), "
+              "blocks exactly; vs fp32 on 20k tokens: KL 0.0013 nats/token, top-1 97.6%, 2.1x single-stream speed), "
               "none otherwise | none (fp32, or --dtype) | int8 | int4: weight-only CPU kernels, bfloat16 activations")
 BF16_WARNING = ("warning: bfloat16 roughly doubles CPU decode speed, but in the measurement behind scalelab's issue 5 "
                 "(SmolLM2-135M on a 2-core CPU) it moved the logits by up to 1.2 and changed 27 of 50 greedy "

@@ -3,7 +3,8 @@
 `quantize(model, mode)` replaces every `nn.Linear` of a Transformer (the output head included) by a
 `QuantLinear` and casts the rest of the model (embeddings, norms, hence the KV cache) to bfloat16. A
 `QuantLinear` runs torch's weight-only CPU kernels, which are fast with bfloat16 activations and slow with
-float32 ones (M=1, one thread, 576×1536: int4 74 µs, int8 112 µs, fp32 F.linear 193 µs):
+float32 ones (one row, one thread, 1536×576, this 2-core CPU: int4 78 µs, int8 85 µs, fp32 F.linear 198 µs;
+int8 with fp32 activations 1.2 ms):
 - int4: `aten._weight_int4pack_mm_for_cpu`, weights packed by `aten._convert_weight_to_int4pack_for_cpu`,
   one bfloat16 (scale, zero) pair per group of 32 inputs and output channel; the kernel dequantises
   w = (q - 8)·scale + zero, q ∈ [0, 15] (checked against a dequantised fp32 matmul in tests/test_quant.py).
@@ -13,7 +14,8 @@ float32 ones (M=1, one thread, 576×1536: int4 74 µs, int8 112 µs, fp32 F.line
 - Q8_0 blocks (w = d·q, q int8, one d per 32 inputs) have no exact int8-per-channel form. `QuantLinear.q8_0`
   keeps them exactly as two int4 planes, q = 16·hi + lo (hi ∈ [-8, 7] with scale 16d, lo ∈ [0, 15] with
   scale d), one int4 matmul over 2N outputs whose halves are summed in fp32. It reads the same bytes as int8
-  and costs about the same (SmolLM2's Q8_0 head, one row: 9.9 ms vs 9.8 ms for int8, on a loaded 2-core CPU).
+  and costs about as much (SmolLM2's Q8_0 head, one row, a loaded 2-core CPU: 10–13 ms vs 9.7–9.9 ms for int8
+  per-channel, which would lose the block scales: KL vs fp32 0.0025 instead of 0.0014 on 2k tokens).
 Quantisation from float weights is round-to-nearest: int4 asymmetric (each group's min..max onto 0..15),
 int8 symmetric (max |w| → 127), both computed against the bfloat16-rounded scales the kernels use.
 
@@ -184,7 +186,8 @@ class QuantLinear(nn.Module):
 
     # ---- use -----------------------------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The (N, K) weight the kernel multiplies by (int4: needs `dense_ok`)."""
+        """The (N, K) weight the kernel multiplies by (an int4 layout `_unpack_int4` cannot read: through the
+        kernel, rounded to bf16)."""
         n, k = self.out_features, self.in_features
         if self.mode == "int8":
             return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]

@@ -26,6 +26,15 @@ TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q
          "ffn_up": "Q8_0", "ffn_down": "Q4_1", "token_embd": "Q8_0"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is faster, and does not stall when other processes hold the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
@@ -137,7 +146,8 @@ def files(tmp_path_factory):
     with torch.no_grad():
         model.tok_emb.weight.mul_(6)  # peaked next-token distributions: greedy decoding is not a coin toss
     d = tmp_path_factory.mktemp("quant")
-    f32 = G.save_gguf(model, tok, d / "tiny.gguf", chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    f32 = G.save_gguf(model, tok, d / "tiny.gguf", chat_template=template)
     return f32, quantised_gguf(f32, d / "tiny-q.gguf", TYPES), quantised_gguf(f32, d / "tiny-q5.gguf",
                                                                                 {"ffn_up": "Q5_0"})
 
