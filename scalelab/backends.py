@@ -249,17 +249,14 @@ class LocalBackend:
             reqs = [(ids, SamplingParams(**{**params.__dict__, "stop": (),
                                             "stop_ids": [*params.stop_ids, *(t[0] for t in st)]}))
                     for (ids, params), st in zip(reqs, stop_tokens)]
-        cfg = self.model.cfg
-        position_bytes = 2 * cfg.n_layer * cfg.n_kv_head * (cfg.d_model // cfg.n_head) * engine.dtype.itemsize
-        budget = kv_mib * 2 ** 20 / position_bytes
-        need = [p.n * (len(ids) + min(p.max_tokens, cfg.context - len(ids))) for ids, p in reqs]
+        budget = engine.kv_budget(kv_mib)
+        need = [engine.kv_positions(len(ids), p) for ids, p in reqs]
         out: list[Response | None] = [None] * len(reqs)
         collectors = [Collector(p, engine._stops(p)) for _, p in reqs]
         with self.lock:
             batch, live, nxt = Batch(engine), {}, 0
             while nxt < len(reqs) or live:
-                while nxt < len(reqs) and (not live or (batch.live_rows + reqs[nxt][1].n <= max_rows
-                                                        and sum(need[i] for i in live.values()) + need[nxt] <= budget)):
+                while nxt < len(reqs) and batch.fits(reqs[nxt][1].n, need[nxt], max_rows, budget):
                     live[batch.add(*reqs[nxt])] = nxt
                     nxt += 1
                 for req, deltas in batch.step().items():

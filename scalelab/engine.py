@@ -178,6 +178,8 @@ class Engine:
         self.prefix = PrefixCache(prefix_cache)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        hd = self.cfg.d_model // self.cfg.n_head
+        self.position_bytes = 2 * self.cfg.n_layer * self.cfg.n_kv_head * hd * self.dtype.itemsize  # K and V, 1 token
         self.prompt_tokens = 0  # totals over the engine's life
         self.completion_tokens = 0
 
@@ -202,6 +204,15 @@ class Engine:
         logits = self.model(x, cache=cache)[:, -1]
         self.prefix.put(prompt, *cache.prefix())
         return cache, logits, reused
+
+    def kv_positions(self, prompt_len: int, params: SamplingParams) -> int:
+        """The KV positions a request can need at most: n rows of prompt + new tokens (what budgets reserve)."""
+        new = params.max_tokens if params.slide else min(params.max_tokens, self.cfg.context - prompt_len)
+        return params.n * (prompt_len + new)
+
+    def kv_budget(self, mib: float) -> int:
+        """How many KV positions `mib` MiB of cache holds."""
+        return int(mib * 2 ** 20 // self.position_bytes)
 
     # ---- sampling ------------------------------------------------------------------------------------------
     def stream(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[list[Delta]]:
@@ -336,6 +347,10 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.joining)
+
+    def fits(self, n: int, kv: int, max_rows: int, kv_budget: int) -> bool:
+        """Whether a request of n rows reserving kv positions may join now (an empty batch takes anything)."""
+        return not len(self) or (self.live_rows + n <= max_rows and self.kv_tokens + kv <= kv_budget)
 
     @torch.inference_mode()
     def add(self, prompt: Sequence[int], params: SamplingParams) -> Request:

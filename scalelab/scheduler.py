@@ -99,14 +99,11 @@ class Scheduler:
         self.thread.start()
 
     # ---- the coroutine side --------------------------------------------------------------------------------
-    def kv_need(self, prompt_len: int, params: SamplingParams) -> int:
-        return params.n * (prompt_len + min(params.max_tokens, self.engine.cfg.context - prompt_len))
-
     def submit_decode(self, prompt: Sequence[int], params: SamplingParams) -> Job:
         """Queue a decode request; its items are each step's deltas (lists of `engine.Delta`)."""
         if params.n > self.max_rows:
             raise TooLarge(f"n = {params.n} is more than this server decodes at once ({self.max_rows})")
-        need = self.kv_need(len(prompt), params)
+        need = self.engine.kv_positions(len(prompt), params)
         if need > self.kv_tokens:
             raise TooLarge(f"the request needs {need} KV positions (n × (prompt + max_tokens)) but this server "
                            f"has {self.kv_tokens}")
@@ -120,7 +117,7 @@ class Scheduler:
         """How many waiting requests (and `extra`, last) will not fit in the batch as it stands: the line."""
         rows, kv, over = self.batch.live_rows, self.batch.kv_tokens, 0
         for job in [*self.waiting, *([extra] if extra is not None else [])]:
-            need = self.kv_need(len(job.prompt), job.params)
+            need = self.engine.kv_positions(len(job.prompt), job.params)
             if not over and rows + job.params.n <= self.max_rows and kv + need <= self.kv_tokens:
                 rows, kv = rows + job.params.n, kv + need
             else:
@@ -167,10 +164,9 @@ class Scheduler:
                 if not self.waiting:
                     return
                 job = self.waiting[0]
-                if not job.cancelled.is_set():
-                    need = self.kv_need(len(job.prompt), job.params)
-                    if len(b) and (b.live_rows + job.params.n > self.max_rows or b.kv_tokens + need > self.kv_tokens):
-                        return
+                need = self.engine.kv_positions(len(job.prompt), job.params)
+                if not job.cancelled.is_set() and not b.fits(job.params.n, need, self.max_rows, self.kv_tokens):
+                    return
                 self.waiting.popleft()
             if job.cancelled.is_set():
                 self._end(job)

@@ -217,10 +217,8 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
     vocab = backend.model.cfg.vocab_size
     prompt_cap = min(limits.prompt_tokens or ctx, ctx - 1)
     engine = backend.engine
-    cfg = backend.model.cfg
-    position_bytes = 2 * cfg.n_layer * cfg.n_kv_head * (cfg.d_model // cfg.n_head) * engine.dtype.itemsize
-    sched = scheduler or Scheduler(engine, backend.lock, max_rows=limits.rows,
-                                   kv_tokens=int(limits.kv_mib * 2 ** 20 // position_bytes), max_waiting=limits.waiting)
+    sched = scheduler or Scheduler(engine, backend.lock, max_rows=limits.rows, kv_tokens=engine.kv_budget(limits.kv_mib),
+                                   max_waiting=limits.waiting)
 
     async def read_json(request: Request) -> dict:
         declared = request.headers.get("content-length", "")

@@ -365,8 +365,6 @@ class Searcher:
                     rec.dropped[members[m]] = True
 
     def _votes(self, rec: ProblemRecord) -> Callable[[int, int], tuple[float, float]]:
-        c, p = self.cfg, rec.problem
-
         def votes(i: int, j: int) -> tuple[float, float]:
             if rec.responses[i].strip() == rec.responses[j].strip():
                 rec.tie_votes[(i, j)] = (0.0, 0.0)
