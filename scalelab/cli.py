@@ -214,6 +214,7 @@ def serve(
     kv_mib: Annotated[float, typer.Option(help="KV cache budget of the batch in MiB")] = 512.0,
     max_waiting: Annotated[int, typer.Option(help="requests waiting for room in the batch; one more gets a 429")] = 64,
     grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 10.0,
+    quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "auto",
 ) -> None:
     """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming)."""
     from scalelab.serve import Limits, serve as serve_fn
@@ -222,7 +223,7 @@ def serve(
         print(BF16_WARNING, file=sys.stderr)
     limits = Limits(max_tokens=max_tokens, max_n=max_n, prompt_tokens=max_prompt_tokens, body_bytes=max_body,
                     rows=batch_rows, kv_mib=kv_mib, waiting=max_waiting, allow_origins=list(allow_origin or []))
-    serve_fn(model, port=port, dtype=dtype, limits=limits, grace_s=grace)
+    serve_fn(model, port=port, dtype=dtype, limits=limits, grace_s=grace, quant=quant)
 
 
 # ============================================================================================= search
@@ -256,6 +257,7 @@ def search_main(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a key: --set search.k_tie=2")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/search/<task>)")] = None,
     threads: Annotated[int, typer.Option(help="torch threads for local models (0 = default; 1 on a busy CPU)")] = 0,
+    quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "auto",
 ) -> None:
     """Run (or resume) a search and write report.md. Subcommands: rescore, bench, train-sudoku."""
     if ctx.invoked_subcommand is not None:
@@ -273,7 +275,7 @@ def search_main(
                  verify_temperature=verify_temperature, tie_temperature=verify_temperature, max_tokens=max_tokens,
                  verify_max_tokens=verify_max_tokens, score=score, trigger=trigger, prelim=prelim, seeds=seeds,
                  seed=seed, price=price, verifier_price=verifier_price, prices_file=str(prices or ""),
-                 threads=threads, judge=judge)
+                 threads=threads, judge=judge, quant=quant)
     cfg = search.SearchConfig.load(flags, config, set_ or [])
     if cfg.prompts == "auto":
         cfg.prompts = "sudoku" if is_run(cfg.backend) else "chat"

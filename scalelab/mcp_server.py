@@ -72,7 +72,7 @@ PATH_KEYS = ("data.corpus", "data.cache_dir", "diffusion.init_from", "search.tas
 SPEC_KEYS = ("search.backend", "search.verifier", "search.judge", "distributed.lighthouse")
 NOT_PATH_KEYS = ("model.norm", "model.final_norm", "data.loss_after", "train.device", "train.dtype", "train.schedule",
                  "diffusion.search_widths", "distributed.strategy", "distributed.backend",
-                 "distributed.fault_tolerance", "search.prompts", "search.score", "search.trigger", "search.price",
+                 "distributed.fault_tolerance", "search.prompts", "search.score", "search.trigger", "search.price", "search.quant",
                  "search.verifier_price")
 POLL_S = 0.5
 

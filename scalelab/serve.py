@@ -499,7 +499,7 @@ def _chunk(rid: str, obj: str, created: int, model: str, choices: list, usage: d
 
 
 def serve(model: str, port: int = 8000, dtype: str = "float32", log_level: str = "info",
-          limits: Limits | None = None, grace_s: float = 10.0) -> None:
+          limits: Limits | None = None, grace_s: float = 10.0, quant: str = "auto") -> None:
     """Load a model and serve it on 127.0.0.1:port until SIGTERM / Ctrl-C (in-flight requests get `grace_s`)."""
     try:
         import uvicorn
@@ -518,7 +518,7 @@ def serve(model: str, port: int = 8000, dtype: str = "float32", log_level: str =
             s.bind((HOST, port))
         except OSError as e:
             raise ScalelabError(f"cannot listen on {HOST}:{port}: {e.strerror}") from None
-    backend = LocalBackend(model, dtype=dtype)
+    backend = LocalBackend(model, dtype=dtype, quant=quant)
     backend.spec = str(model)
     app = create_app(backend, limits, port=port)
     uvicorn.run(app, host=HOST, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)

@@ -110,7 +110,7 @@ def run(run_dir: Path, out: Path, verifier: str = "", k: int = 5, seed: int = 0,
     make_dir(out)
     write_text(out / "items.jsonl", "".join(json.dumps(it) + "\n" for it in items))
     if backend is None:
-        backend = search_backend(spec, cfg.retries)
+        backend = search_backend(spec, cfg.retries, cfg.quant)
     m = score(items, out, backend, cfg.prompts, k, cfg.verify_temperature, cfg.verify_max_tokens, seed)
     m.update(source=str(run_dir), verifier=spec)
     write_json(out / "metrics.json", m)

@@ -99,6 +99,7 @@ class SearchConfig:
     prices_file: str = ""
     retries: int = 3
     threads: int = 0  # torch threads for local backends (0 = torch's default; 1 is best on a busy CPU)
+    quant: str = "auto"  # --quant of local backends: auto | none | int8 | int4 (backends.LocalBackend)
     # An LLM judge (a backend spec) for MATH-style free-form answers that the programmatic comparison rejects,
     # as the paper grades with one (§5, App. A.2). Grading, not the method: its calls go to judge.jsonl and
     # are left out of the method's token and dollar costs. "" = programmatic comparison only.
@@ -113,6 +114,7 @@ class SearchConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
         need(self.score in ("verdict", "prob"), f"score must be verdict or prob, got {self.score!r}")
+        need(self.quant in ("auto", "none", "int8", "int4"), f"quant must be auto, none, int8 or int4, got {self.quant!r}")
         need(self.trigger in ("alg1", "s31"), f"trigger must be alg1 or s31, got {self.trigger!r}")
         need(self.prompts in STYLES, f"prompts must be chat, fewshot or sudoku, got {self.prompts!r}")
         need(0 <= self.threshold < 1, f"threshold must be in [0, 1), got {self.threshold}")
@@ -131,7 +133,7 @@ class SearchConfig:
 
     CALL_FIELDS = ("backend", "verifier", "task", "n_problems", "task_seed", "prompts", "k_inf", "k_verif", "k_tie",
                    "temperature", "verify_temperature", "tie_temperature", "max_tokens", "verify_max_tokens",
-                   "score", "prelim", "prelim_k", "prelim_min", "prelim_cap", "seed", "judge")
+                   "score", "prelim", "prelim_k", "prelim_min", "prelim_cap", "seed", "judge", "quant")
 
 
 def derive_seed(seed: int, key: str) -> int:
@@ -412,6 +414,7 @@ def prepare_run(cfg: SearchConfig, run_dir: Path, resume: bool) -> tasksmod.Task
     if cfg_path.is_file():
         old = _read_settings(cfg_path)
         spec = {"backend", "verifier", "judge"}  # `local:X` / `run:X` (older runs) name the same model as X
+        old.setdefault("quant", "none")  # runs from before --quant decoded in fp32
         changed = [f for f in SearchConfig.CALL_FIELDS
                    if (canonical_spec(old.get(f) or "") if f in spec else old.get(f))
                    != (canonical_spec(getattr(cfg, f)) if f in spec else getattr(cfg, f))]
@@ -491,9 +494,9 @@ def load_config(run_dir: Path) -> SearchConfig:
     return cfg
 
 
-def search_backend(spec: str, retries: int = 3) -> Backend:
+def search_backend(spec: str, retries: int = 3, quant: str = "auto") -> Backend:
     """A backend as search uses it: long prompts keep their last tokens, one-token stops match as ids."""
-    return make_backend(spec, retries=retries, truncate=True, stop_as_ids=True)
+    return make_backend(spec, retries=retries, truncate=True, stop_as_ids=True, quant=quant)
 
 
 def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backend | None = None,
@@ -508,9 +511,9 @@ def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backe
 
         torch.set_num_threads(cfg.threads)
     if gen is None:
-        gen = search_backend(cfg.backend, cfg.retries)
+        gen = search_backend(cfg.backend, cfg.retries, cfg.quant)
     if ver is None and cfg.verifier != "checker":
-        ver = gen if cfg.verifier == "same" else search_backend(cfg.verifier, cfg.retries)
+        ver = gen if cfg.verifier == "same" else search_backend(cfg.verifier, cfg.retries, cfg.quant)
     if judge is None and cfg.judge:
         judge = search_backend(cfg.judge, cfg.retries)
     task = prepare_run(cfg, run_dir, resume)
