@@ -52,7 +52,12 @@ Prompt = str | list[dict]  # raw text, or chat messages
 
 
 class BackendError(ScalelabError):
-    """A model backend that failed (after retries) or cannot do what was asked."""
+    """A model backend that failed (after retries) or cannot do what was asked. `status` is what a proxy
+    answers for it: 504 when the server timed out, 502 when it failed or could not be reached."""
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -309,7 +314,10 @@ class OpenAIBackend:
         with self.slots:
             try:
                 return fn(**kw)
-            except o.APIConnectionError as e:  # includes timeouts, after the SDK's retries
+            except o.APITimeoutError:
+                raise BackendError(f"the server at {self.base_url} timed out (after {self.max_retries + 1} "
+                                   f"attempts)", status=504) from None
+            except o.APIConnectionError as e:  # after the SDK's retries
                 raise BackendError(f"cannot reach the server at {self.base_url} (failed after "
                                    f"{self.max_retries + 1} attempts): {e}") from None
             except o.APIStatusError as e:

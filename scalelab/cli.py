@@ -201,7 +201,8 @@ def chat(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="smollm2, a .gguf file or a run directory")] = "smollm2",
+    model: Annotated[Optional[str], typer.Option(
+        help="smollm2, a .gguf file or a run directory (default smollm2, unless --upstream)")] = None,
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 8000,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
     allow_origin: Annotated[Optional[list[str]], typer.Option(
@@ -215,15 +216,48 @@ def serve(
     max_waiting: Annotated[int, typer.Option(help="requests waiting for room in the batch; one more gets a 429")] = 64,
     grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 10.0,
     quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "auto",
+    upstream: Annotated[Optional[str], typer.Option(
+        help="openai:<url>#<model>: be a proxy; searches sample from this server, other requests pass through")] = None,
+    verifier_upstream: Annotated[Optional[str], typer.Option(
+        help="openai:<url>#<model> that verifies and plays tie-breaks (default: the generator itself)")] = None,
+    log_dir: Annotated[Optional[Path], typer.Option(
+        help="append every search's calls here (transcripts.jsonl; `scalelab search rescore DIR` replays them)")] = None,
+    max_search_calls: Annotated[int, typer.Option(help="the most samples (k + k × kv) one search may ask for")] = 1024,
+    max_searches: Annotated[int, typer.Option(help="searches running at once; one more gets a 429")] = 8,
+    prices: Annotated[Optional[Path], typer.Option(help="a TOML price table extending the shipped one")] = None,
+    retries: Annotated[int, typer.Option(help="retries (with backoff) of a failed upstream call")] = 3,
 ) -> None:
-    """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming)."""
+    """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming), with
+    test-time search per request: model `sss:<name>` (or consistency:, pyes-vote:, best-of-n:) or a `search`
+    object in the body. With --upstream, a proxy that searches over another OpenAI-compatible server."""
+    from scalelab.backends import is_remote, make_backend
+    from scalelab.search.service import SearchService
     from scalelab.serve import Limits, serve as serve_fn
 
+    if upstream and model:
+        raise ScalelabError("--model and --upstream exclude each other: serve a local model, or proxy a server")
+    for name, spec in (("--upstream", upstream), ("--verifier-upstream", verifier_upstream)):
+        if spec and not is_remote(spec):
+            raise ScalelabError(f"{name} must be openai:<url>#<model>, got {spec!r}")
+    if retries < 0:
+        raise ScalelabError(f"--retries must be >= 0, got {retries}")
     if dtype == "bfloat16":
         print(BF16_WARNING, file=sys.stderr)
     limits = Limits(max_tokens=max_tokens, max_n=max_n, prompt_tokens=max_prompt_tokens, body_bytes=max_body,
                     rows=batch_rows, kv_mib=kv_mib, waiting=max_waiting, allow_origins=list(allow_origin or []))
-    serve_fn(model, port=port, dtype=dtype, limits=limits, grace_s=grace, quant=quant)
+    spec = upstream or model or "smollm2"
+    gen_up = make_backend(upstream, retries=retries) if upstream else None
+    ver = make_backend(verifier_upstream, retries=retries) if verifier_upstream else None
+    service_args = dict(ver=ver, ver_spec=verifier_upstream or "", max_calls=max_search_calls,
+                        max_searches=max_searches, log_dir=log_dir, prices_file=str(prices or ""))
+    SearchService.check(**service_args)  # bad flags fail before the model loads
+
+    def search(engine_backend):
+        gen = engine_backend or gen_up
+        return SearchService(gen, spec, names={spec, gen.name}, **service_args)
+
+    serve_fn(None if upstream else spec, port=port, dtype=dtype, limits=limits, grace_s=grace, quant=quant,
+             search=search)
 
 
 # ============================================================================================= search
@@ -320,6 +354,17 @@ def search_rescore(
 
     if not (run / "transcripts.jsonl").is_file():
         raise ScalelabError(f"{run} has no transcripts.jsonl")
+    if search.load_config(run).task == "served":  # a `scalelab serve --log-dir` log: per-request settings
+        from scalelab.search import service
+
+        m = service.rescore(run)
+        typer.echo(f"{m['answered']} served answers; {m['selections_checked'] - len(m['selections_differ'])} of "
+                   f"{m['selections_checked']} selections reproduced from the transcripts")
+        typer.echo(f"report: {run / 'report.md'}")
+        if m["selections_differ"]:
+            raise ScalelabError(f"{len(m['selections_differ'])} selection(s) differ from what was served, "
+                                f"first {m['selections_differ'][0]}")
+        return
     if trigger is not None:
         m = search.analyse(run, trigger)
         typer.echo(" | ".join(f"{k} {100 * v:.1f}%" for k, v in m["accuracy"].items()) + f"  (trigger {trigger})")

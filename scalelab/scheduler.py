@@ -99,15 +99,16 @@ class Scheduler:
         self.thread.start()
 
     # ---- the coroutine side --------------------------------------------------------------------------------
-    def submit_decode(self, prompt: Sequence[int], params: SamplingParams) -> Job:
-        """Queue a decode request; its items are each step's deltas (lists of `engine.Delta`)."""
+    def submit_decode(self, prompt: Sequence[int], params: SamplingParams, bounded: bool = True) -> Job:
+        """Queue a decode request; its items are each step's deltas (lists of `engine.Delta`). `bounded=False`
+        (a served search's own calls) waits however long the line is instead of raising `Full`."""
         if params.n > self.max_rows:
             raise TooLarge(f"n = {params.n} is more than this server decodes at once ({self.max_rows})")
         need = self.engine.kv_positions(len(prompt), params)
         if need > self.kv_tokens:
             raise TooLarge(f"the request needs {need} KV positions (n × (prompt + max_tokens)) but this server "
                            f"has {self.kv_tokens}")
-        return self._enqueue(Job(asyncio.get_running_loop(), prompt=prompt, params=params), self.waiting)
+        return self._enqueue(Job(asyncio.get_running_loop(), prompt=prompt, params=params), self.waiting, bounded)
 
     def submit(self, call: Callable[[], Any]) -> Job:
         """Queue a one-shot call (run on the worker between steps); its one item is the call's result."""
@@ -124,11 +125,11 @@ class Scheduler:
                 over += 1
         return over
 
-    def _enqueue(self, job: Job, line: collections.deque) -> Job:
+    def _enqueue(self, job: Job, line: collections.deque, bounded: bool = True) -> Job:
         with self.cv:
             if self.closed:
                 raise Full("the server is shutting down")
-            if job.params is not None and self._beyond(job) > self.max_waiting:
+            if bounded and job.params is not None and self._beyond(job) > self.max_waiting:
                 raise Full(f"the server is busy (the batch is full and {self.max_waiting} requests are waiting): "
                            "retry later")
             if job.params is None and len(self.calls) >= self.max_waiting:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -78,10 +79,17 @@ class RequestError(ScalelabError):
         self.param, self.status = param, status
 
 
-def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+def error_json(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    """An error response in OpenAI's shape."""
     from starlette.responses import JSONResponse
 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+async def until_gone(request) -> None:
+    """Returns once the client has disconnected (the request body must have been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _get(body: dict, key: str, types: type | tuple, default: Any = None) -> Any:
@@ -157,6 +165,30 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+async def read_json(request, limits: Limits) -> dict:
+    """The request body as a JSON object, at most `limits.body_bytes` (counted while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.body_bytes:
+        raise RequestError(f"request body over {limits.body_bytes} bytes", status=413)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limits.body_bytes:
+            raise RequestError(f"request body over {limits.body_bytes} bytes", status=413)
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        body = json.loads(bytes(raw), parse_constant=no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise RequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+
 class _Guard:
     """ASGI middleware: Host must be this loopback server (DNS rebinding), a browser Origin must be local or
     allowed, and a POST body must be JSON (no cross-origin 'simple' requests)."""
@@ -196,20 +228,103 @@ class _Guard:
         if problem is None:
             return await self.app(scope, receive, send)
         status, message, kind = problem
-        await _error(status, message, kind=kind)(scope, receive, send)
+        await error_json(status, message, kind=kind)(scope, receive, send)
 
 
-def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | None = None,
-               scheduler: Scheduler | None = None):
-    """The ASGI app. `port` is the bound port the Host header must carry (None: any port on a loopback name)."""
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
+class ScheduledBackend:
+    """The server's engine as a `Backend` for work on other threads (a served search): each generation joins
+    the server's continuous batch through its scheduler, sharing forwards with every other request.
+    `for_request(cancel)` gives a view whose calls in flight are cancelled (and leave the batch) once `cancel`
+    is set. Long prompts keep their last tokens (as the search's local backend does)."""
+
+    def __init__(self, local: LocalBackend, sched: Scheduler, cancel: threading.Event | None = None):
+        self.local, self.sched, self.cancel = local, sched, cancel
+        self.name, self.price = local.name, local.price
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set by each request that uses it
+
+    def for_request(self, cancel: threading.Event) -> ScheduledBackend:
+        view = ScheduledBackend(self.local, self.sched, cancel)
+        view.loop = self.loop
+        return view
+
+    def _ids(self, prompt) -> list[int]:
+        ids = self.local.prompt_ids(prompt)
+        room = self.local.context - 1
+        return ids if len(ids) <= room else ids[-room:]
+
+    async def _decode(self, ids: list[int], params: SamplingParams):
+        job = self.sched.submit_decode(ids, params, bounded=False)  # a search's calls wait, never 429
+        c = Collector(params, self.local.engine._stops(params))
+        try:
+            async for deltas in job.items():
+                c.add(deltas)
+        finally:
+            job.cancel()
+        return c.result(len(ids), job.cached_tokens)
+
+    def generate_many(self, requests: list) -> list:
+        from concurrent.futures import TimeoutError as Waiting
+
+        from scalelab.backends import BackendError, Choice, Response
+
+        if self.loop is None:
+            raise BackendError("the server's engine is not running")
+        reqs = []
+        for prompt, params in requests:
+            params.validate()
+            reqs.append((self._ids(prompt), params))
+
+        async def all_():
+            return await asyncio.gather(*(self._decode(ids, p) for ids, p in reqs), return_exceptions=True)
+
+        fut = asyncio.run_coroutine_threadsafe(all_(), self.loop)
+        while True:
+            try:
+                results = fut.result(timeout=0.05)
+                break
+            except Waiting:
+                if self.cancel is not None and self.cancel.is_set():
+                    fut.cancel()  # each job leaves the batch before the next step
+                    raise BackendError("the client closed the request", status=499) from None
+        out = []
+        for (ids, p), g in zip(reqs, results):
+            if isinstance(g, BaseException):
+                out.append(g if isinstance(g, BackendError) else BackendError(str(g), status=400))
+                continue
+            out.append(Response([Choice(c.text, c.finish_reason, c.tokens, c.logprobs,
+                                        len(c.tokens) + (c.finish_reason == "stop")) for c in g.completions],
+                                g.prompt_tokens, g.completion_tokens, g.cached_tokens, p.n * len(ids), self.name))
+        return out
+
+    def generate(self, prompt, params: SamplingParams):
+        r = self.generate_many([(prompt, params)])[0]
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def prob_yes(self, prompt, yes: str, no: str):
+        return self.local.prob_yes(prompt, yes, no)  # between batch steps: the engine's lock
+
+    def score(self, prompt: str, continuations: list[str]):
+        return self.local.score(prompt, continuations)
+
+
+def create_app(backend: LocalBackend | None, limits: Limits | None = None, port: int | None = None,
+               scheduler: Scheduler | None = None, search=None):
+    """The ASGI app. `port` is the bound port the Host header must carry (None: any port on a loopback name).
+    `search(engine_backend) -> SearchService` (`search/service.py`) adds search requests: its service then
+    answers chat requests that name a method (and, with no local `backend`, every request, proxied)."""
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
 
     limits = limits or Limits()
     limits.validate()
+    served = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}  # what this server's answers counted
+    if backend is None:  # a proxy: the search service answers everything
+        if search is None:
+            raise ScalelabError("a server needs a local model or an upstream")
+        service = search(None)
+        return _proxy_app(service, limits, port, served)
     tok = backend.tokenizer
     model_name = backend.name
     names = {model_name, "default", getattr(backend, "spec", model_name)}
@@ -219,31 +334,14 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
     engine = backend.engine
     sched = scheduler or Scheduler(engine, backend.lock, max_rows=limits.rows, kv_tokens=engine.kv_budget(limits.kv_mib),
                                    max_waiting=limits.waiting)
+    scheduled = ScheduledBackend(backend, sched)
+    service = search(scheduled) if search is not None else None
 
-    async def read_json(request: Request) -> dict:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.body_bytes:
-            raise RequestError(f"request body over {limits.body_bytes} bytes", status=413)
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limits.body_bytes:
-                raise RequestError(f"request body over {limits.body_bytes} bytes", status=413)
-
-        def no_constant(name: str):
-            raise ValueError(f"{name} is not JSON")
-
-        try:
-            body = json.loads(bytes(raw), parse_constant=no_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise RequestError("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
+    def check_model(body: dict) -> None:
         model = body.get("model")
         if model is not None and (not isinstance(model, str) or model not in names):
             raise RequestError(f"model {str(model)[:80]!r} is not served here (this server has {model_name!r})",
                                "model", status=404)
-        return body
 
     def token_str(t: int) -> str:
         return tok.decode([t], skip_special_tokens=False)
@@ -273,6 +371,9 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
         raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        served["requests"] += 1
+        served["prompt_tokens"] += prompt_tokens
+        served["completion_tokens"] += completion_tokens
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
@@ -292,10 +393,6 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
 
         return {"content": [dict(entry(t, lp), top_logprobs=[entry(i, v) for i, v in (tops[j] if tops else [])])
                             for j, (t, lp) in enumerate(zip(tokens, lps))]}
-
-    async def until_gone(request: Request) -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
 
     async def collect(request: Request, job, params: SamplingParams | None, echo_logprobs: bool, ids: list[int]):
         """(prompt token logprobs or None, Generation or None), or None once the client has gone (the job is
@@ -407,7 +504,14 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
 
     async def handle(request: Request, chat: bool):
         try:
-            body = await read_json(request)
+            body = await read_json(request, limits)
+            if service is not None and chat and service.claims(body):
+                scheduled.loop = asyncio.get_running_loop()
+                try:
+                    return await service.respond(request, body, _messages(body), _get(body, "stream", bool, False))
+                except ScalelabError as e:
+                    return service.error_response(e)
+            check_model(body)
             echo_only = not chat and body.get("echo") is True and body.get("max_tokens") == 0
             params = _params(dict(body, max_tokens=1) if echo_only else body, chat, limits, ctx)
             stream = _get(body, "stream", bool, False)
@@ -434,22 +538,22 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
                 for j in jobs:
                     j.cancel()
             if done is None:  # the client went away; nobody reads this
-                return _error(499, "client closed the request")
+                return error_json(499, "client closed the request")
             plps, g = done
             return JSONResponse(body_of(ids, params, chat, echo, text, plps, g))
         except RequestError as e:
-            return _error(e.status, str(e), e.param)
+            return error_json(e.status, str(e), e.param)
         except Full as e:
-            r = _error(429, str(e), kind="rate_limit_error")
+            r = error_json(429, str(e), kind="rate_limit_error")
             r.headers["Retry-After"] = "1"
             return r
         except TooLarge as e:
-            return _error(400, str(e))
+            return error_json(400, str(e))
         except ScalelabError as e:
-            return _error(400, str(e))
+            return error_json(400, str(e))
         except Exception as e:  # a bug: answer 500 in OpenAI's shape and keep serving
             log.exception("internal error")
-            return _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+            return error_json(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
@@ -458,18 +562,77 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
         return await handle(request, chat=False)
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                                         "owned_by": "scalelab"}]})
+        ids = [model_name, *(f"{m}:{model_name}" for m in (service.methods if service is not None else ()))]
+        return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                                         "owned_by": "scalelab"} for i in ids]})
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "in_flight": sched.pending(), "steps": sched.steps,
-                             "peak_rows": sched.peak_rows})
+                             "peak_rows": sched.peak_rows, "served": served,
+                             "searches": service.stats() if service is not None else None})
 
-    async def not_found(request: Request, exc):
-        return _error(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
+    def close() -> None:
+        sched.close()  # after uvicorn's graceful drain: cancel whatever is left
+        if service is not None:
+            service.close()
 
-    async def bad_method(request: Request, exc):
-        return _error(405, f"method {request.method} not allowed on {request.url.path}")
+    app = _starlette(chat_completions, completions, models, health, limits, port, close)
+    app.state.scheduler = sched
+    app.state.search = service
+    return app
+
+
+def _proxy_app(service, limits: Limits, port: int | None, served: dict):
+    """A server with no model of its own: search requests run over the service's upstream, and every other
+    request is forwarded to it as it came."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    async def handle(request: Request, chat: bool):
+        try:
+            body = await read_json(request, limits)
+            if chat and service.claims(body):
+                return await service.respond(request, body, _messages(body), _get(body, "stream", bool, False))
+            return await service.forward(request, body, "/chat/completions" if chat else "/completions")
+        except RequestError as e:
+            return error_json(e.status, str(e), e.param)
+        except ScalelabError as e:
+            return service.error_response(e)
+        except Exception as e:  # a bug: answer 500 in OpenAI's shape and keep serving
+            log.exception("internal error")
+            return error_json(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    async def models(request: Request):
+        ids = [service.upstream_model, *(f"{m}:{service.upstream_model}" for m in service.methods)]
+        return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                                         "owned_by": "scalelab"} for i in ids]})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "upstream": service.spec, "searches": service.stats()})
+
+    app = _starlette(chat_completions, completions, models, health, limits, port, service.close)
+    app.state.search = service
+    return app
+
+
+def _starlette(chat_completions, completions, models, health, limits: Limits, port: int | None, close):
+    """The app around the four endpoints: the guard (and CORS for allowed origins), JSON 404/405, and
+    `close` after uvicorn's graceful drain."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    async def not_found(request, exc):
+        return error_json(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
+
+    async def bad_method(request, exc):
+        return error_json(405, f"method {request.method} not allowed on {request.url.path}")
 
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
@@ -480,15 +643,14 @@ def create_app(backend: LocalBackend, limits: Limits | None = None, port: int | 
 
         middleware.append(Middleware(CORSMiddleware, allow_origins=limits.allow_origins, allow_methods=["GET", "POST"],
                                      allow_headers=["authorization", "content-type"]))
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        sched.close()  # after uvicorn's graceful drain: cancel whatever is left
+        close()
 
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: bad_method},
-                    lifespan=lifespan)
-    app.state.scheduler = sched
-    return app
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: bad_method},
+                     lifespan=lifespan)
 
 
 def _chunk(rid: str, obj: str, created: int, model: str, choices: list, usage: dict | None = None) -> str:
@@ -498,9 +660,10 @@ def _chunk(rid: str, obj: str, created: int, model: str, choices: list, usage: d
     return f"data: {json.dumps(d)}\n\n"
 
 
-def serve(model: str, port: int = 8000, dtype: str = "float32", log_level: str = "info",
-          limits: Limits | None = None, grace_s: float = 10.0, quant: str = "auto") -> None:
-    """Load a model and serve it on 127.0.0.1:port until SIGTERM / Ctrl-C (in-flight requests get `grace_s`)."""
+def serve(model: str | None, port: int = 8000, dtype: str = "float32", log_level: str = "info",
+          limits: Limits | None = None, grace_s: float = 10.0, quant: str = "auto", search=None) -> None:
+    """Load a model and serve it on 127.0.0.1:port until SIGTERM / Ctrl-C (in-flight requests get `grace_s`).
+    `model=None`: no model of its own, a proxy for `search`'s upstream (see `create_app`)."""
     try:
         import uvicorn
     except ImportError:
@@ -518,7 +681,9 @@ def serve(model: str, port: int = 8000, dtype: str = "float32", log_level: str =
             s.bind((HOST, port))
         except OSError as e:
             raise ScalelabError(f"cannot listen on {HOST}:{port}: {e.strerror}") from None
-    backend = LocalBackend(model, dtype=dtype, quant=quant)
-    backend.spec = str(model)
-    app = create_app(backend, limits, port=port)
+    backend = None
+    if model is not None:
+        backend = LocalBackend(model, dtype=dtype, quant=quant)
+        backend.spec = str(model)
+    app = create_app(backend, limits, port=port, search=search)
     uvicorn.run(app, host=HOST, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)

@@ -14,7 +14,7 @@ from scalelab.backends import Prompt
 from scalelab.errors import ScalelabError
 from scalelab.search import tasks as tasksmod
 
-STYLES = ("chat", "fewshot", "sudoku")
+STYLES = ("chat", "fewshot", "sudoku", "served")
 def prompt_file(name: str) -> str:
     return resources.files("scalelab").joinpath(f"prompts/{name}").read_text()
 
@@ -99,7 +99,18 @@ class SudokuFormat:
         return t[-1] if t[-1:] in ("A", "B") else None
 
 
+class ServedFormat(ChatFormat):
+    """A served request (`search/service.py`): candidates answer the client's own messages
+    (`problem.meta["messages"]`); verification and comparison are `chat`'s, over the question as asked."""
+
+    def solve(self, p: tasksmod.Problem) -> Prompt:
+        messages = p.meta.get("messages")
+        return [dict(m) for m in messages] if isinstance(messages, list) and messages else super().solve(p)
+
+
 def make_format(style: str) -> ChatFormat | SudokuFormat:
+    if style == "served":
+        return ServedFormat()
     if style in ("chat", "fewshot"):
         return ChatFormat(fewshot=style == "fewshot")
     if style == "sudoku":

@@ -46,6 +46,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -62,7 +63,7 @@ from scalelab.errors import ScalelabError
 from scalelab.report import make_dir, write_json
 from scalelab.search import cost as costmod, tasks as tasksmod
 from scalelab.search.formats import STYLES, make_format, prompt_file
-from scalelab.search.select import needs_tiebreak, select, shortlist
+from scalelab.search.select import needs_tiebreak, pick, select, shortlist
 
 log = logging.getLogger("scalelab")
 
@@ -116,7 +117,7 @@ class SearchConfig:
         need(self.score in ("verdict", "prob"), f"score must be verdict or prob, got {self.score!r}")
         need(self.quant in ("auto", "none", "int8", "int4"), f"quant must be auto, none, int8 or int4, got {self.quant!r}")
         need(self.trigger in ("alg1", "s31"), f"trigger must be alg1 or s31, got {self.trigger!r}")
-        need(self.prompts in STYLES, f"prompts must be chat, fewshot or sudoku, got {self.prompts!r}")
+        need(self.prompts in STYLES, f"prompts must be chat, fewshot, sudoku or served, got {self.prompts!r}")
         need(0 <= self.threshold < 1, f"threshold must be in [0, 1), got {self.threshold}")
         need(min(self.temperature, self.verify_temperature, self.tie_temperature) >= 0, "temperatures must be >= 0")
         need(not self.prelim or 1 <= self.prelim_k < self.k_verif,
@@ -143,13 +144,15 @@ def derive_seed(seed: int, key: str) -> int:
 # =========================================================================================== transcripts
 class Transcripts:
     """Append-only `transcripts.jsonl`: one JSON line per model call, keyed. A line cut short by a crash is
-    ignored (and its call redone)."""
+    ignored (and its call redone). `path=None` keeps the records in memory only (a served request without a
+    log directory). Appends are thread-safe: a server's concurrent searches share one file."""
 
-    def __init__(self, path: Path, phases: tuple[str, ...] = costmod.PHASES):
+    def __init__(self, path: Path | None, phases: tuple[str, ...] = costmod.PHASES):
         self.path = path
         self.records: dict[str, dict] = {}
         self.bad_lines: list[int] = []  # corrupt lines: not a call record
-        if path.is_file():
+        self.lock = threading.Lock()
+        if path is not None and path.is_file():
             with open(path, "rb") as f:
                 for no, raw in enumerate(f, 1):
                     try:
@@ -166,10 +169,13 @@ class Transcripts:
         return self.records.get(key)
 
     def add(self, rec: dict) -> dict:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-        self.records[rec["key"]] = rec
-        self.new_calls += 1
+        line = json.dumps(rec) + "\n"
+        with self.lock:
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(line)
+            self.records[rec["key"]] = rec
+            self.new_calls += 1
         return rec
 
 
@@ -207,17 +213,34 @@ class ProblemRecord:
         return [float(np.mean(v)) if v else 0.0 for v in self.verdicts]
 
 
-class Searcher:
-    """Runs (or resumes) a primary run, call by call, writing every call to the transcripts."""
+METHODS = ("sss", "best-of-n", "pyes-vote", "consistency")
 
-    def __init__(self, cfg: SearchConfig, run_dir: Path, task: tasksmod.Task, gen: Backend | None,
-                 ver: Backend | None, fmt, judge: Backend | None = None, batched: bool = True):
-        self.cfg, self.run_dir, self.task, self.gen, self.ver, self.fmt = cfg, Path(run_dir), task, gen, ver, fmt
-        self.judge = judge
+
+class Searcher:
+    """Runs (or resumes) a primary run, call by call, writing every call to the transcripts.
+
+    `method` says which calls a problem needs (a served request asks for one method; a `scalelab search` run
+    is `sss` and analyses every baseline from the same calls): `sss` verifies and plays Algorithm 1's
+    tie-breaks, `best-of-n` and `pyes-vote` verify without tie-breaks, `consistency` only samples."""
+
+    def __init__(self, cfg: SearchConfig, run_dir: Path | None, task: tasksmod.Task, gen: Backend | None,
+                 ver: Backend | None, fmt, judge: Backend | None = None, batched: bool = True,
+                 tr: Transcripts | None = None, grades: Transcripts | None = None, method: str = "sss"):
+        self.cfg, self.task, self.gen, self.ver, self.fmt = cfg, task, gen, ver, fmt
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.judge, self.method = judge, method
         self.batched = batched  # a problem's verifications, and a round's tie-breaks, as one batched call
-        self.tr = Transcripts(self.run_dir / "transcripts.jsonl")
+        self.tr = tr if tr is not None else Transcripts(self.run_dir / "transcripts.jsonl")
         # the LLM judge's calls: grading, not the method
-        self.grades = Transcripts(self.run_dir / "judge.jsonl", ("judge",))
+        self.grades = grades if grades is not None else Transcripts(
+            self.run_dir / "judge.jsonl" if self.run_dir is not None else None, ("judge",))
+        # problem id -> the name its seeds derive from (served requests: one name, so a seed reproduces)
+        self.seed_names: dict[str, str] = {}
+        self.on_call: Callable[[dict], None] | None = None  # told of each new call record
+
+    def seed(self, key: str, pid: str) -> int:
+        name = self.seed_names.get(pid)
+        return derive_seed(self.cfg.seed, key if name is None else key.replace(pid, name, 1))
 
     def call(self, key: str, phase: str, pid: str, backend: Backend | None, prompt: Prompt, n: int = 1,
              temperature: float = 0.0, max_tokens: int = 0, stop: list[str] | None = None,
@@ -229,7 +252,7 @@ class Searcher:
         if backend is None:
             raise ScalelabError(f"call {key} is not in the transcripts and no backend is available (rescore "
                                 f"uses transcripts only; resume the run to complete it)")
-        seed = derive_seed(self.cfg.seed, key)
+        seed = self.seed(key, pid)
         t0 = time.perf_counter()
         if prob is not None:
             r = backend.prob_yes(prompt, *prob)
@@ -253,8 +276,8 @@ class Searcher:
             if len(group) == 1:
                 continue  # `call` makes it when it is asked for
             backend = group[0][3]
-            params = [SamplingParams(n=n, max_tokens=mt, temperature=t, seed=derive_seed(self.cfg.seed, key),
-                                     stop=list(stop or [])) for key, _, _, _, _, n, t, mt, stop in group]
+            params = [SamplingParams(n=n, max_tokens=mt, temperature=t, seed=self.seed(key, pid),
+                                     stop=list(stop or [])) for key, _, pid, _, _, n, t, mt, stop in group]
             t0 = time.perf_counter()
             responses = generate_many(backend, [(c[4], sp) for c, sp in zip(group, params)])
             share = (time.perf_counter() - t0) / max(1, len(responses))
@@ -268,7 +291,7 @@ class Searcher:
                 raise failure
 
     def _record(self, key, phase, pid, backend, prompt, n, temperature, max_tokens, seed, r, seconds, tr) -> dict:
-        return tr.add({
+        rec = tr.add({
             "key": key, "phase": phase, "problem": pid, "backend": backend.name, "price": backend.price,
             "prompt": prompt, "n": n, "temperature": temperature, "max_tokens": max_tokens, "seed": seed,
             "outputs": [{"text": c.text, "tokens": c.n_tokens, "finish": c.finish_reason} for c in r.choices],
@@ -276,6 +299,9 @@ class Searcher:
             "usage": {"prompt": r.prompt_tokens, "completion": r.completion_tokens, "cached": r.cached_tokens,
                       "naive_prompt": r.naive_prompt_tokens},
             "seconds": round(seconds, 4)})
+        if self.on_call is not None and tr is self.tr:
+            self.on_call(rec)
+        return rec
 
     # --- phases ------------------------------------------------------------------------------------------
     def run_problem(self, p: tasksmod.Problem) -> ProblemRecord:
@@ -290,7 +316,9 @@ class Searcher:
         k = len(rec.responses)
         rec.verdicts = [[] for _ in range(k)]
         rec.dropped = [False] * k
-        if c.verifier == "checker":  # programmatic verifier, for analysis: no model calls
+        if self.method == "consistency":  # a vote over final answers: no verification
+            pass
+        elif c.verifier == "checker":  # programmatic verifier, for analysis: no model calls
             rec.verdicts = [[float(ok)] * c.k_verif for ok in rec.correct]
         else:
             first = c.prelim_k if c.prelim else c.k_verif
@@ -305,8 +333,10 @@ class Searcher:
                     self.prefetch([self._verify_call(rec, i, 1, c.k_verif - c.prelim_k) for i in live])
                 for i in live:
                     self._verify(rec, i, 1, c.k_verif - c.prelim_k)
-        if c.tiebreak:
+        if c.tiebreak and self.method == "sss":
             self._select(rec)
+        else:
+            rec.pick = pick(self.method, rec.scores(), rec.keys, rec.dropped)
         return rec
 
     def _correct(self, p: tasksmod.Problem, answer: str | None) -> bool:
@@ -351,7 +381,7 @@ class Searcher:
 
     def _prelim_filter(self, rec: ProblemRecord) -> None:
         c = self.cfg
-        rng = np.random.default_rng(derive_seed(c.seed, f"prelim:{rec.problem.id}") % 2**32)
+        rng = np.random.default_rng(self.seed(f"prelim:{rec.problem.id}", rec.problem.id) % 2**32)
         s = rec.scores()
         for i in range(len(s)):
             rec.dropped[i] = s[i] < c.prelim_min
@@ -439,7 +469,7 @@ def _problem(row: object) -> tasksmod.Problem | None:
     fields = {f.name for f in dataclasses.fields(tasksmod.Problem)}
     if not (isinstance(row, dict) and set(row) <= fields
             and all(isinstance(row.get(k), str) for k in ("id", "question", "answer"))
-            and row.get("kind", "number") in ("number", "math", "sudoku") and isinstance(row.get("meta", {}), dict)):
+            and row.get("kind", "number") in ("number", "math", "sudoku", "free") and isinstance(row.get("meta", {}), dict)):
         return None
     p = tasksmod.Problem(**row)
     return None if p.kind == "sudoku" and p.meta.get("size", 4) not in (4, 6, 9) else p
@@ -530,6 +560,23 @@ def run_search(cfg: SearchConfig, run_dir: Path, resume: bool = True, gen: Backe
     return out
 
 
+def problem_settings(cfg: SearchConfig, p: tasksmod.Problem) -> tuple[SearchConfig, str]:
+    """The settings and method a problem was searched with: the run's, or a served request's own
+    (`meta["search"]`, `meta["method"]`, as `search/service.py` records them)."""
+    own = p.meta.get("search")
+    if not isinstance(own, dict):
+        return cfg, "sss"
+    try:
+        c = dataclasses.replace(cfg, **own)
+        c.validate()
+    except (TypeError, ScalelabError) as e:
+        raise ScalelabError(f"problem {p.id}: bad served settings: {e}") from None
+    method = p.meta.get("method", "sss")
+    if method not in METHODS:
+        raise ScalelabError(f"problem {p.id}: unknown method {method!r}")
+    return c, method
+
+
 def replay(run_dir: Path, trigger: str | None = None) -> tuple[SearchConfig, tasksmod.Task, list[ProblemRecord], Transcripts]:
     """Every problem's record rebuilt from the transcripts, with no model call. `trigger` re-selects with the
     other tie-break trigger: §3.1's tournaments are a subset of Algorithm 1's, so an alg1 run can be
@@ -542,6 +589,9 @@ def replay(run_dir: Path, trigger: str | None = None) -> tuple[SearchConfig, tas
     s = Searcher(cfg, run_dir, task, None, None, make_format(cfg.prompts))
     recs = []
     for p in task.problems:  # an interrupted run is analysed over the problems it finished
+        s.cfg, s.method = problem_settings(cfg, p)
+        if trigger is not None:
+            s.cfg.trigger = trigger
         try:
             recs.append(s.run_problem(p))
         except ScalelabError:

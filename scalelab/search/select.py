@@ -64,6 +64,32 @@ def select(scores: list[float], keys: list, trigger: str, threshold: float,
     return max(range(len(scores)), key=lambda i: (scores[i], -i)), []
 
 
+def pick(method: str, scores: list[float], keys: list, dropped: list[bool] | None = None) -> int:
+    """One candidate for a method without a tournament (what a served request returns; `select` plays
+    Algorithm 1's). `sss` / `best-of-n`: the top score, lowest index first. `consistency`: the most common
+    final answer (equal counts: the one seen first), its first candidate. `pyes-vote`: the final answer with
+    the largest sum of scores (equal sums: the one seen first), its best-scoring candidate. Candidates dropped
+    by preliminary scoring are not picked; with no extracted answer, votes fall back to the top score."""
+    live = [i for i in range(len(scores)) if not (dropped and dropped[i])] or list(range(len(scores)))
+    if not live:
+        return 0
+    best = max(live, key=lambda i: (scores[i], -i))
+    if method in ("sss", "best-of-n"):
+        return best
+    if method not in ("consistency", "pyes-vote"):
+        raise ValueError(f"unknown method {method!r}")
+    tot: dict[Any, float] = {}
+    for i in live:
+        if keys[i] is not None:
+            tot[keys[i]] = tot.get(keys[i], 0.0) + (1.0 if method == "consistency" else scores[i])
+    if not tot:
+        return best
+    top = max(tot.values())
+    winner = next(k for k in tot if tot[k] >= top - 1e-12)  # dicts keep first-seen order
+    members = [i for i in live if keys[i] == winner]
+    return members[0] if method == "consistency" else max(members, key=lambda i: (scores[i], -i))
+
+
 def expected_pick_accuracy(values: np.ndarray, correct: np.ndarray) -> float:
     """Accuracy of picking uniformly among the arg-max of `values` (NaN = not selectable)."""
     ok = ~np.isnan(values)

@@ -36,7 +36,7 @@ class Problem:
     id: str
     question: str
     answer: str  # the reference final answer (a number, a LaTeX expression, or a solved grid)
-    kind: str = "number"  # number | math | sudoku
+    kind: str = "number"  # number | math | sudoku | free (a served question with no checker: `extract_free`)
     meta: dict = field(default_factory=dict)
 
 
@@ -105,12 +105,44 @@ def answers_equivalent(a: str | None, b: str | None) -> bool:
     return normalize_latex(a) == normalize_latex(b)
 
 
+def normalize_text(s: str) -> str:
+    """Free text as voting compares it: lower case, markdown emphasis and quotes removed, whitespace
+    collapsed, trailing punctuation dropped."""
+    s = re.sub(r"[*_`\"“”]", "", s.lower())
+    return re.sub(r"\s+", " ", s).strip().rstrip(".!?;:,").strip()
+
+
+def extract_free(text: str) -> str | None:
+    """The final answer of a free-form response (a served question with no task checker): '#### X', then
+    \\boxed{X}, then 'answer is X' / 'answer: X' (X up to the end of its line), else the whole response. The
+    voting key (`free_key`) compares numbers exactly and anything else as normalised text."""
+    m = re.findall(r"####\s*(.+)", text)
+    if m:
+        return m[-1].strip()
+    b = last_boxed(text)
+    if b:
+        return b
+    m = re.findall(r"answer(?: is|:)\s*(.+)", text, flags=re.I)
+    if m and m[-1].strip(" *."):
+        return m[-1].strip()
+    return text.strip() or None
+
+
 def answer_key(answer: str | None) -> str | None:
     """A canonical form for voting (Consistency@k): equivalent answers share a key."""
     if answer is None:
         return None
     f = parse_number(answer)
     return str(f) if f is not None else normalize_latex(answer)
+
+
+def free_key(answer: str | None) -> str | None:
+    """The voting key of a free-form answer: an exact number when it parses as one, else normalised text."""
+    if answer is None:
+        return None
+    t = normalize_text(answer)
+    f = parse_number(t)
+    return str(f) if f is not None else t
 
 
 # ------------------------------------------------------------------------------------------ Sudoku
@@ -412,6 +444,8 @@ class Task:
             return extract_grid(response, problem.meta.get("size", 4))
         if problem.kind == "math":
             return last_boxed(response) or extract_number(response)
+        if problem.kind == "free":
+            return extract_free(response)
         return extract_number(response)
 
     def is_correct(self, problem: Problem, answer: str | None) -> bool:
@@ -420,10 +454,14 @@ class Task:
         if problem.kind == "sudoku":
             size = problem.meta.get("size", 4)
             return sudoku_valid(text_to_grid(problem.question, size), text_to_grid(answer, size), size)
+        if problem.kind == "free":
+            return bool(problem.answer) and free_key(answer) == free_key(problem.answer)
         return answers_equivalent(answer, problem.answer)
 
     def key(self, problem: Problem, answer: str | None) -> str | None:
         """Voting key: equivalent answers collide."""
+        if problem.kind == "free":
+            return free_key(answer)
         return answer if problem.kind == "sudoku" else answer_key(answer)
 
 
