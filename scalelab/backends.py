@@ -302,7 +302,7 @@ class OpenAIBackend:
         self.openai = openai
         self.base_url, self.model, self.price = base_url, model, price or model
         self.name = f"{model}@{base_url}"
-        self.max_retries = max_retries
+        self.max_retries, self.timeout = max_retries, timeout
         # A local server needs no key; the SDK insists on one, so a placeholder stands in.
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none",
                                     timeout=timeout, max_retries=max_retries)

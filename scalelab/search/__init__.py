@@ -18,10 +18,10 @@ from scalelab.search.report import write_report
 from scalelab.search.run import (ProblemRecord, SearchConfig, Searcher, Transcripts, derive_seed, load_config,
                                  replay, run_search, search_backend)
 from scalelab.search.select import (auroc, expected_pick_accuracy, needs_tiebreak, paired_bootstrap,
-                                    pass_at_k_unbiased, select, shortlist, tournament, vote_accuracy)
+                                    pass_at_k_unbiased, pick, select, shortlist, tournament, vote_accuracy)
 
 __all__ = ["BackendError", "analyse", "curves", "method_costs", "usage_by_phase", "ChatFormat", "SudokuFormat",
            "make_format", "prompt_file", "write_report", "ProblemRecord", "SearchConfig", "Searcher", "Transcripts",
            "derive_seed", "load_config", "replay", "run_search", "search_backend", "auroc",
-           "expected_pick_accuracy", "needs_tiebreak", "paired_bootstrap", "pass_at_k_unbiased", "select",
+           "expected_pick_accuracy", "needs_tiebreak", "paired_bootstrap", "pass_at_k_unbiased", "pick", "select",
            "shortlist", "tournament", "vote_accuracy"]

@@ -224,7 +224,10 @@ class SearchService:
     async def forward(self, request, body: dict, path: str):
         """A plain request, forwarded as it came to the upstream (a proxy without a model of its own): its
         answer, or its stream, passes through; a failure to reach it is a 502 (a timeout a 504)."""
-        import httpx
+        try:  # the HTTP client the openai SDK is built on (httpx2 in openai >= 3, httpx before)
+            import httpx2 as httpx
+        except ImportError:
+            import httpx
         from starlette.responses import Response, StreamingResponse
 
         base = getattr(self.gen, "base_url", None)
@@ -239,7 +242,8 @@ class SearchService:
         key = getattr(getattr(self.gen, "client", None), "api_key", None)
         if key and key != "none":
             headers["Authorization"] = f"Bearer {key}"
-        client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
+        wait = float(getattr(self.gen, "timeout", 600.0))
+        client = httpx.AsyncClient(timeout=httpx.Timeout(wait, connect=min(wait, 10.0)))
         try:
             req = client.build_request("POST", str(base).rstrip("/") + path, json=body, headers=headers)
             r = await client.send(req, stream=True)
