@@ -19,12 +19,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, stderr=subprocess.DEVNULL, timeout: float = 300) -> tuple[subprocess.Popen, int]:
-    """Start `scalelab serve --model MODEL` and wait until /health answers; (process, port)."""
+def start_server(model: str, stderr=subprocess.DEVNULL, timeout: float = 300,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """Start `scalelab serve --model MODEL [extra flags]` and wait until /health answers; (process, port)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    server = subprocess.Popen([sys.executable, "-m", "scalelab.cli", "serve", "--model", model, "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    server = subprocess.Popen([sys.executable, "-m", "scalelab.cli", "serve", "--model", model, "--port", str(port),
+                               *extra], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + timeout
     while True:
         if server.poll() is not None or time.time() > deadline:

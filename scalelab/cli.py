@@ -226,6 +226,8 @@ def serve(
     max_searches: Annotated[int, typer.Option(help="searches running at once; one more gets a 429")] = 8,
     prices: Annotated[Optional[Path], typer.Option(help="a TOML price table extending the shipped one")] = None,
     retries: Annotated[int, typer.Option(help="retries (with backoff) of a failed upstream call")] = 3,
+    judge: Annotated[Optional[str], typer.Option(
+        help="same | openai:<url>#<model>: an LLM that decides which free-form final answers are the same")] = None,
 ) -> None:
     """Serve a local model over the OpenAI-compatible API on 127.0.0.1 (chat, completions, streaming), with
     test-time search per request: model `sss:<name>` (or consistency:, pyes-vote:, best-of-n:) or a `search`
@@ -236,7 +238,8 @@ def serve(
 
     if upstream and model:
         raise ScalelabError("--model and --upstream exclude each other: serve a local model, or proxy a server")
-    for name, spec in (("--upstream", upstream), ("--verifier-upstream", verifier_upstream)):
+    for name, spec in (("--upstream", upstream), ("--verifier-upstream", verifier_upstream),
+                       ("--judge", None if judge == "same" else judge)):
         if spec and not is_remote(spec):
             raise ScalelabError(f"{name} must be openai:<url>#<model>, got {spec!r}")
     if retries < 0:
@@ -251,6 +254,8 @@ def serve(
     service_args = dict(ver=ver, ver_spec=verifier_upstream or "", max_calls=max_search_calls,
                         max_searches=max_searches, log_dir=log_dir, prices_file=str(prices or ""))
     SearchService.check(**service_args)  # bad flags fail before the model loads
+    service_args.update(judge=make_backend(judge, retries=retries) if judge and judge != "same" else None,
+                        judge_spec=judge or "")
 
     def search(engine_backend):
         gen = engine_backend or gen_up

@@ -188,8 +188,8 @@ def test_a_seed_fixes_the_answer_and_usage_adds_up(quiz_server):
     assert u["prompt_tokens"] == sum(p["prompt_tokens"] for p in ext["tokens"].values()) > 0
     assert u["completion_tokens"] == sum(p["completion_tokens"] for p in ext["tokens"].values()) > 0
     assert ext["tokens"]["generate"]["calls"] == 1 and ext["tokens"]["verify"]["calls"] == 6
-    assert ext["cost_usd"] == {"generate": 0.0, "verify": 0.0, "tiebreak": 0.0, "total": 0.0}  # "local" is free
-    assert set(ext["seconds"]) == {"generate", "verify", "tiebreak", "total"} and ext["id"].startswith("srv-")
+    assert ext["cost_usd"] == {"generate": 0.0, "verify": 0.0, "tiebreak": 0.0, "judge": 0.0, "total": 0.0}  # local
+    assert set(ext["seconds"]) == {"generate", "verify", "tiebreak", "judge", "total"} and ext["id"].startswith("srv-")
     # a per-request price: dollars from the request's own rates
     priced = post(url, dict(req, search=dict(req["search"], price={"input": 1.0, "output": 2.0})))[1]
     pu = priced["usage"]
@@ -399,3 +399,42 @@ def test_free_form_answer_keys():
     assert search.pick("best-of-n", [0.2, 0.9, 0.9], ["a", "b", "c"]) == 1
     assert search.pick("consistency", [0.0, 0.0], [None, None]) == 0
     assert dataclasses.is_dataclass(svc.Plan)
+
+
+class Words:
+    """Free-form answers, two of them the same number written differently, and a judge of equivalence."""
+
+    name, price, logprobs = "words", "local", True
+    ANSWERS = ["41", "41", "forty-two", "42", "42 apples"]
+    SAME = {"forty-two", "42", "42 apples"}
+
+    def generate(self, prompt, params):
+        text = prompt[-1]["content"]
+        if "Reply with one word: Yes or No" in text:
+            a = text.split("Answer A: ", 1)[1].split("\n", 1)[0]
+            b = text.split("Answer B: ", 1)[1].split("\n", 1)[0]
+            outs = [Choice("Yes" if {a, b} <= self.SAME else "No", n_tokens=1)]
+        else:
+            outs = [Choice(self.ANSWERS[i % 5], n_tokens=2) for i in range(params.n)]
+        return Response(outs, 10, sum(o.n_tokens for o in outs), 0, 10 * params.n, self.name)
+
+
+def test_an_llm_judge_decides_which_free_form_answers_are_the_same(tmp_path):
+    service = svc.SearchService(Words(), "words", log_dir=tmp_path / "log", judge_spec="same")
+    with ServerThread(create_app(None, Limits(), search=lambda _: service)) as url:
+        ask = {"model": "consistency:words", "messages": [{"role": "user", "content": "How many?"}],
+               "search": {"k": 5}}
+        status, body = post(url, dict(ask, search={"k": 5, "equivalence": "text"}))
+        assert status == 200 and body["choices"][0]["message"]["content"] == "41"  # two votes of five
+        status, body = post(url, ask)
+        ext = body["scalelab_search"]
+        assert status == 200 and ext["equivalence"] == "judge" and ext["selected"] == 2  # 42, three ways
+        assert len({ext["candidates"][i]["key"] for i in (2, 3, 4)}) == 1
+        assert ext["tokens"]["judge"]["calls"] >= 2
+        assert body["usage"]["completion_tokens"] == sum(u["completion_tokens"] for u in ext["tokens"].values())
+    without = svc.SearchService(Words(), "words")
+    with ServerThread(create_app(None, Limits(), search=lambda _: without)) as url:
+        status, body = post(url, dict(ask, search={"k": 5, "equivalence": "judge"}))
+        assert status == 400 and "--judge" in body["error"]["message"]
+    m = svc.rescore(tmp_path / "log")
+    assert m["selections_checked"] == 2 and m["selections_differ"] == []

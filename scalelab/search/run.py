@@ -299,7 +299,7 @@ class Searcher:
             "usage": {"prompt": r.prompt_tokens, "completion": r.completion_tokens, "cached": r.cached_tokens,
                       "naive_prompt": r.naive_prompt_tokens},
             "seconds": round(seconds, 4)})
-        if self.on_call is not None and tr is self.tr:
+        if self.on_call is not None:
             self.on_call(rec)
         return rec
 
@@ -312,6 +312,8 @@ class Searcher:
         rec.responses = [o["text"] for o in g["outputs"]]
         rec.answers = [self.task.extract(p, t) for t in rec.responses]
         rec.keys = [self.task.key(p, a) for a in rec.answers]
+        if p.kind == "free" and p.meta.get("equiv") == "judge":
+            rec.keys = self._merge_equivalent(p, rec.answers, rec.keys)
         rec.correct = [self._correct(p, a) for a in rec.answers]
         k = len(rec.responses)
         rec.verdicts = [[] for _ in range(k)]
@@ -351,6 +353,34 @@ class Searcher:
         r = self.call(key, "judge", p.id, self.judge, prompt, 1, 0.0, 8, [], log=self.grades)
         text = r["outputs"][0]["text"].strip().lower() if r["outputs"] else ""
         return text.startswith("yes")
+
+    EQUIV_MAX = 8  # distinct answers the judge compares (at most 28 calls); the rest keep their text keys
+
+    def _merge_equivalent(self, p: tasksmod.Problem, answers: list, keys: list) -> list:
+        """Voting keys of free-form answers, merged where the judge says two final answers are the same: each
+        distinct answer (first seen first) is compared with the representatives before it and joins the
+        first that matches. Calls go to the grades log (phase `judge`)."""
+        first: dict[str, str] = {}
+        for a, k in zip(answers, keys):
+            if k is not None and k not in first:
+                first[k] = a
+        reps: list[str] = []
+        same: dict[str, str] = {}
+        for n, (k, a) in enumerate(first.items()):
+            if n >= self.EQUIV_MAX:
+                break
+            for r in reps:
+                ids = "".join(hashlib.sha256(x.encode()).hexdigest()[:10] for x in (r, k))
+                prompt = [{"role": "user", "content": prompt_file("sss-equiv-v1.txt").format(
+                    question=p.question, a=first[r][:500], b=a[:500])}]
+                out = self.call(f"equiv:{p.id}:{ids}", "judge", p.id, self.judge, prompt, 1, 0.0, 4, [],
+                                log=self.grades)
+                if out["outputs"] and out["outputs"][0]["text"].strip().lower().startswith("yes"):
+                    same[k] = r
+                    break
+            else:
+                reps.append(k)
+        return [same.get(k, k) for k in keys]
 
     def _verify_call(self, rec: ProblemRecord, i: int, part: int, n: int) -> tuple:
         c, p = self.cfg, rec.problem

@@ -62,7 +62,8 @@ OPTIONS = {"k": "k_inf", "kv": "k_verif", "k_tie": "k_tie", "temperature": "temp
            "verify_temperature": "verify_temperature", "tie_temperature": "tie_temperature", "score": "score",
            "trigger": "trigger", "prelim": "prelim", "prelim_k": "prelim_k", "max_tokens": "max_tokens",
            "verify_max_tokens": "verify_max_tokens", "threshold": "threshold"}
-EXTRA = ("method", "seed", "price", "verifier_price", "reference", "progress_events")
+EXTRA = ("method", "seed", "price", "verifier_price", "reference", "progress_events", "equivalence")
+PHASES = (*costmod.PHASES, "judge")  # `judge`: final-answer equivalence (free-form answers), when asked
 
 
 class SearchRequestError(ScalelabError):
@@ -88,6 +89,7 @@ class Plan:
     verifier_price: Any = None
     reference: str = ""
     progress_events: bool = False
+    equivalence: str = "text"  # text (normalised text and exact numbers) | judge (the server's --judge merges)
 
 
 class Watched:
@@ -181,9 +183,12 @@ class SearchService:
     def __init__(self, gen: Backend, spec: str, ver: Backend | None = None, ver_spec: str = "",
                  base: SearchConfig | None = None, max_calls: int = 1024, max_searches: int = 8,
                  log_dir: Path | None = None, prices_file: str = "", keepalive_s: float = 5.0,
-                 names: set[str] | None = None, logprobs: bool = True):
+                 names: set[str] | None = None, logprobs: bool = True, judge: Backend | None = None,
+                 judge_spec: str = ""):
         self.check(ver, ver_spec, max_calls, max_searches, log_dir, prices_file)
         self.gen, self.ver, self.spec, self.ver_spec = gen, ver, spec, ver_spec
+        self.judge = gen if judge_spec == "same" else judge
+        self.judge_spec = judge_spec
         self.base = dataclasses.replace(base or SearchConfig(), backend=spec, verifier=ver_spec or "same",
                                         task="served", prompts="served", n_problems=1, judge="",
                                         prices_file=prices_file)
@@ -350,13 +355,19 @@ class SearchService:
         if not isinstance(reference, str):
             raise SearchRequestError("search.reference must be a string (the expected final answer)",
                                      "search.reference")
+        equivalence = opts.get("equivalence", "judge" if self.judge is not None else "text")
+        if equivalence not in ("text", "judge"):
+            raise SearchRequestError("search.equivalence must be 'text' or 'judge'", "search.equivalence")
+        if equivalence == "judge" and self.judge is None:
+            raise SearchRequestError("search.equivalence 'judge' needs a server started with --judge",
+                                     "search.equivalence")
         pe = opts.get("progress_events", False)
         if not isinstance(pe, bool):
             raise SearchRequestError("search.progress_events must be true or false", "search.progress_events")
         cfg.seed = (seed if seed is not None else secrets.randbits(62)) % (1 << 63)
         return Plan(method, cfg, messages, cfg.seed, f"{method}:{model if model is not None else 'default'}",
                     _price_arg(opts.get("price"), "price"), _price_arg(opts.get("verifier_price"), "verifier_price"),
-                    reference, pe)
+                    reference, pe, equivalence)
 
     # ---- running ------------------------------------------------------------------------------------------
     def _price(self, arg: Any, default: str) -> tuple[str, costmod.Price | None]:
@@ -372,7 +383,8 @@ class SearchService:
         tid = f"srv-{uuid.uuid4().hex[:16]}"
         question = _question(plan.messages)
         meta = {"messages": plan.messages, "method": plan.method, "backend": self.spec,
-                "search": {f: getattr(plan.cfg, f) for f in (*OPTIONS.values(), "seed")}, "seed_name": "served"}
+                "search": {f: getattr(plan.cfg, f) for f in (*OPTIONS.values(), "seed")}, "seed_name": "served",
+                "equiv": plan.equivalence}
         problem = tasksmod.Problem(tid, question, plan.reference, "free", meta)
         gen = Watched(self.gen, cancel)
         ver = Watched(self.ver, cancel) if self.ver is not None else gen
@@ -381,7 +393,8 @@ class SearchService:
         if self.log:
             self.log.append("problems.jsonl", dataclasses.asdict(problem))
         records: list[dict] = []
-        s = Searcher(plan.cfg, None, tasksmod.Task("served", [problem]), gen, ver, make_format("served"),
+        judge = None if self.judge is None else gen if self.judge is self.gen else Watched(self.judge, cancel)
+        s = Searcher(plan.cfg, None, tasksmod.Task("served", [problem]), gen, ver, make_format("served"), judge,
                      tr=tr, grades=grades, method=plan.method)
         s.seed_names[tid] = "served"
 
@@ -396,7 +409,7 @@ class SearchService:
         rec = s.run_problem(problem)
         seconds = time.perf_counter() - t0
         phases = {ph: {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "seconds": 0.0}
-                  for ph in costmod.PHASES}
+                  for ph in PHASES}
         for r in records:
             p = phases[r["phase"]]
             p["calls"] += 1
@@ -413,8 +426,17 @@ class SearchService:
         if gprice is not None and vprice is not None:
             led = costmod.Ledger()
             for ph, u in phases.items():
+                if ph == "judge":
+                    continue  # priced below, at the judge's rate
                 led.record(tid, ph, u["prompt_tokens"], u["completion_tokens"], u["cached_tokens"], u["calls"])
-            cost = {k: round(v, 8) for k, v in led.dollars(gprice, vprice).items()}
+            cost = led.dollars(gprice, vprice)
+            jname = price_name(self.judge_spec) if self.judge_spec not in ("", "same") else gname
+            jprice = self.prices.get(jname) if jname != "request" else gprice
+            j = phases["judge"]
+            cost["judge"] = jprice.dollars(j["prompt_tokens"], j["completion_tokens"], j["cached_tokens"]) \
+                if jprice is not None else 0.0
+            cost["total"] += cost["judge"]
+            cost = {k: round(v, 8) for k, v in cost.items()}
         scores = rec.scores()
         ties = [{"a": i, "b": j, "votes_a": va, "votes_b": vb} for (i, j), (va, vb) in sorted(rec.tie_votes.items())]
         gen_rec = tr.get(f"gen:{tid}") or {"outputs": []}
@@ -429,6 +451,7 @@ class SearchService:
             "shortlist": rec.played, "tiebreaks": ties, "selected": rec.pick,
             "tokens": {ph: {k: v for k, v in u.items() if k != "seconds"} for ph, u in phases.items()},
             "seconds": {**{ph: u["seconds"] for ph, u in phases.items()}, "total": round(seconds, 4)},
+            "equivalence": plan.equivalence,
             "price": {"generate": gname, "verify": vname}, "cost_usd": cost,
             "logged": str(self.log.path) if self.log else None,
         }

@@ -1,0 +1,116 @@
+"""Search as a service: `scalelab serve` answering `sss:` requests, against the CLI `scalelab search` on the
+same questions, in the same run.
+
+For each question (arithmetic word problems, the search's own generator), interleaved: the CLI searches it
+alone (`scalelab search` over a one-problem JSONL; its wall-clock is the sum of its calls' seconds, so model
+loading is left out), then one client asks the endpoint the same question with the same settings (wall-clock
+measured by the client). Then `--clients` clients ask all the questions at once. The endpoint's messages are
+the CLI's solve prompt, so generation prompts are identical; verification quotes the whole user message.
+
+Prints per-request wall-clock (medians), the endpoint's overhead over the CLI, requests per minute with one
+and with `--clients` clients, and the share of prompt tokens the prefix cache saved.
+Target: the endpoint adds <= 10% over the CLI per request.
+
+    python benchmarks/search_service.py [--n 4] [--k 8] [--kv 2] [--max-tokens 96] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import ROOT, start_server  # noqa: E402
+
+from scalelab.search import tasks  # noqa: E402
+from scalelab.search.formats import prompt_file  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--n", type=int, default=4, help="questions")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--kv", type=int, default=2)
+    ap.add_argument("--k-tie", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    root = Path(a.out or tempfile.mkdtemp(prefix="search-service-"))
+    problems = tasks.arithmetic_problems(a.n, seed=0)
+    opts = {"k": a.k, "kv": a.kv, "k_tie": a.k_tie, "max_tokens": a.max_tokens, "verify_max_tokens": a.max_tokens}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    server, port = start_server(a.model, extra=("--log-dir", str(root / "served")))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
+
+    def ask(i: int, seed: int) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        r = client.chat.completions.create(
+            model=f"sss:{a.model}", messages=[{"role": "user", "content": prompt_file("sss-solve-v1.txt").format(
+                question=problems[i].question)}], extra_body={"search": dict(opts, seed=seed)})
+        return time.perf_counter() - t0, r.model_extra["scalelab_search"]
+
+    cli_s, one_s, cli_tok, one_tok, exts = [], [], [], [], []
+
+    def computed(ext: dict) -> int:
+        return sum(u["prompt_tokens"] - u["cached_tokens"] + u["completion_tokens"] for u in ext["tokens"].values())
+
+    try:
+        ask(0, 999)  # warm-up: the first request pays for lazy setup
+        for i, p in enumerate(problems):
+            d = root / f"cli-{i}"
+            d.mkdir(parents=True)
+            (d / "q.jsonl").write_text(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n")
+            subprocess.run([sys.executable, "-m", "scalelab.cli", "search", "--backend", a.model, "--tasks",
+                            str(d / "q.jsonl"), "-n", "1", "--k", str(a.k), "--kv", str(a.kv), "--max-tokens",
+                            str(a.max_tokens), "--verify-max-tokens", str(a.max_tokens), "--set",
+                            f"search.k_tie={a.k_tie}", "--out", str(d / "run")], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            calls = [json.loads(x) for x in (d / "run" / "transcripts.jsonl").read_text().splitlines()]
+            cli_s.append(sum(c["seconds"] for c in calls))
+            cli_tok.append(sum(c["usage"]["prompt"] - c["usage"]["cached"] + c["usage"]["completion"] for c in calls))
+            s, ext = ask(i, i)
+            one_s.append(s)
+            one_tok.append(computed(ext))
+            exts.append(ext)
+            print(f"question {i}: CLI {cli_s[-1]:.1f} s ({len(calls)} calls), endpoint {s:.1f} s "
+                  f"({sum(u['calls'] for u in ext['tokens'].values())} calls)", flush=True)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(a.clients) as pool:
+            many = list(pool.map(lambda i: ask(i % a.n, 100 + i), range(a.clients)))
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    exts += [e for _, e in many]
+    prompt = sum(u["prompt_tokens"] for e in exts for u in e["tokens"].values())
+    cached = sum(u["cached_tokens"] for e in exts for u in e["tokens"].values())
+    cli, one = statistics.median(cli_s), statistics.median(one_s)
+    print(f"\nper request (medians of {a.n}, k={a.k}, kv={a.kv}, k_tie={a.k_tie}, max_tokens={a.max_tokens}):")
+    print(f"  CLI scalelab search   {cli:8.1f} s")
+    print(f"  endpoint, 1 client    {one:8.1f} s   overhead {100 * (one / cli - 1):+.1f}% (target <= +10%)")
+    rate_cli = statistics.median(t / s for t, s in zip(cli_tok, cli_s))
+    rate_one = statistics.median(t / s for t, s in zip(one_tok, one_s))
+    print(f"  computed tokens/s     CLI {rate_cli:.0f}, endpoint {rate_one:.0f}   overhead per token "
+          f"{100 * (rate_cli / rate_one - 1):+.1f}% (the two sample differently: seeds derive from different names)")
+    print(f"  endpoint, {a.clients} clients   {statistics.median(s for s, _ in many):8.1f} s   "
+          f"(all {a.clients} in {wall:.1f} s)")
+    print(f"requests per minute: 1 client {60 / one:.2f}; {a.clients} clients {60 * a.clients / wall:.2f} "
+          f"({one * a.clients / wall:.2f}x)")
+    print(f"prefix cache: {cached} of {prompt} prompt tokens served from cache ({100 * cached / max(1, prompt):.1f}%)")
+    print(f"logs: {root}")
+
+
+if __name__ == "__main__":
+    main()
