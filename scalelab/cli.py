@@ -159,6 +159,24 @@ def sample(
 app.command("generate", help="Alias of `sample`: sample n completions of one prompt from any model.")(sample)
 
 
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Option(help="run directory (its newest checkpoint is exported)")],
+    out: Annotated[Path, typer.Option(help="output directory (gguf: or a FILE.gguf); must not exist or be empty, "
+                                           "unless --force")],
+    format_: Annotated[str, typer.Option("--format", help="hf (a transformers / vLLM / lm-eval directory) | gguf "
+                                                          "(llama.cpp)")] = "hf",
+    dtype: Annotated[str, typer.Option(help="weights: f32 (default) | f16 | bf16 (hf) | q8_0 (gguf)")] = "f32",
+    force: Annotated[bool, typer.Option(help="replace an existing --out (the new copy is complete before the "
+                                             "old one goes)")] = False,
+) -> None:
+    """Export a run as a Hugging Face Llama directory or a llama.cpp GGUF file (plain Llama runs only)."""
+    from scalelab import export as exportmod
+
+    path = exportmod.export(run, format_, out, dtype=dtype, force=force)
+    typer.echo(str(path))
+
+
 @app.command()
 def chat(
     model: Annotated[str, typer.Option(help=MODEL_HELP)] = "smollm2",

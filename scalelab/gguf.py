@@ -558,21 +558,34 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
         raise ScalelabError(f"chat template failed to render: {e}") from None
 
 
-def save_gguf(model: Transformer, tokenizer, path: str | Path, chat_template: str | None = None,
-              name: str = "scalelab") -> Path:
-    """Write a lab model (rmsnorm, no DyT) and its byte-level BPE tokenizer as an F32 Llama GGUF file.
+SAVE_DTYPES = ("f32", "f16", "q8_0")  # save_gguf's weight types (norms are always F32, as llama.cpp writes them)
 
-    Used by the tests to round-trip weights through llama.cpp's layout; the file also loads in llama.cpp.
+
+def save_gguf(model: Transformer, tokenizer, path: str | Path, chat_template: str | None = None,
+              name: str = "scalelab", dtype: str = "f32", bos_id: int | None = None, eos_id: int | None = None,
+              add_bos: bool | None = None) -> Path:
+    """Write a lab model (rmsnorm, no DyT) and its byte-level BPE tokenizer as a Llama GGUF file.
+
+    dtype: f32 | f16 | q8_0, the type of the 2-D (matmul and embedding) tensors; the norms stay F32, and with
+    q8_0 a tensor whose rows are not a multiple of 32 is written F16, as llama.cpp's converter does. bos_id,
+    eos_id and add_bos become tokenizer.ggml.* metadata when given. The file loads in llama.cpp (pre-tokenizer
+    gpt-2, the GPT-2 regex our byte-level BPE uses), in transformers' GGUF loader and in `load`.
     """
     import json
 
     import gguf
 
     cfg = model.cfg
-    if cfg.norm != "rmsnorm":
-        raise ScalelabError(f"only rmsnorm models can be written as Llama GGUF (this one uses {cfg.norm})")
+    if cfg.norm != "rmsnorm" or (cfg.final_norm or "rmsnorm") != "rmsnorm":
+        raise ScalelabError(f"only rmsnorm models can be written as Llama GGUF (this one uses "
+                            f"{cfg.norm if cfg.norm != 'rmsnorm' else cfg.final_norm})")
+    if dtype not in SAVE_DTYPES:
+        raise ScalelabError(f"GGUF dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
+    Q = gguf.GGMLQuantizationType
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     w.add_block_count(cfg.n_layer)
     w.add_context_length(cfg.context)
     w.add_embedding_length(cfg.d_model)
@@ -599,10 +612,16 @@ def save_gguf(model: Transformer, tokenizer, path: str | Path, chat_template: st
             tokens[i], types[i] = f"<unused{i}>", TOKEN_CONTROL
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("gpt-2")  # llama.cpp's "default" is another regex; "gpt-2" is ByteLevel's
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
+    if bos_id is not None:
+        w.add_bos_token_id(bos_id)
+    if eos_id is not None:
+        w.add_eos_token_id(eos_id)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     if chat_template:
         w.add_chat_template(chat_template)
     inverse = {v: k for k, v in _name_map(cfg.n_layer).items()}
@@ -614,7 +633,13 @@ def save_gguf(model: Transformer, tokenizer, path: str | Path, chat_template: st
             a = _permute_qk(a, cfg.n_head)
         elif pname.endswith("attn.wk.weight"):
             a = _permute_qk(a, cfg.n_kv_head)
-        w.add_tensor(inverse[pname], np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        if a.ndim == 2 and dtype == "q8_0" and a.shape[1] % 32 == 0:
+            w.add_tensor(inverse[pname], gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
+        elif a.ndim == 2 and dtype != "f32":
+            w.add_tensor(inverse[pname], a.astype(np.float16))
+        else:
+            w.add_tensor(inverse[pname], a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

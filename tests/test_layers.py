@@ -11,9 +11,9 @@ PKG = Path(__file__).resolve().parents[1] / "scalelab"
 
 LAYERS = {
     "core": ["errors", "config", "log", "tokenizer", "data", "model", "checkpoint", "report"],
-    "train": ["train", "distributed", "ft", "diffusion"],
-    "inference": ["engine", "gguf", "quant", "backends", "scheduler", "serve"],
-    "systems": ["search", "horizon", "horizon_report", "scaling", "wallclock"],
+    "train": ["train", "distributed", "ft", "diffusion", "tb"],
+    "inference": ["engine", "gguf", "quant", "backends", "scheduler", "serve", "export"],
+    "systems": ["search", "horizon", "horizon_report", "scaling", "wallclock", "compare"],
     "papers": ["papers"],
     "entry": ["cli", "mcp_server", "jobs", "__main__"],
 }
