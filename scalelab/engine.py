@@ -114,6 +114,7 @@ class Generation:
 class Score:
     logprob: float  # log P(continuation | prompt), natural log
     token_logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, the k likeliest (id, logprob) there
 
 
 class PrefixCache:
@@ -236,9 +237,13 @@ class Engine:
 
     # ---- scoring -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, prompt: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[Score]:
-        """log P(c | prompt) for each continuation c, with the prompt's KV prefilled once and shared."""
+    def score(self, prompt: Sequence[int], continuations: Sequence[Sequence[int]],
+              top_logprobs: int = 0) -> list[Score]:
+        """log P(c | prompt) for each continuation c, with the prompt's KV prefilled once and shared. With
+        `top_logprobs` k, also each position's k likeliest tokens (what an echoed prompt's logprobs report)."""
         self._check_prompt(prompt)
+        if not (isinstance(top_logprobs, int) and 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
+            raise ScalelabError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}")
         if not continuations or any(len(c) == 0 for c in continuations):
             raise ScalelabError("give at least one continuation, each at least one token long")
         P, L = len(prompt), max(len(c) for c in continuations)
@@ -259,7 +264,11 @@ class Engine:
         out = []
         for b, c in enumerate(continuations):
             tl = logp[b, torch.arange(len(c)), torch.tensor(list(c))].tolist()
-            out.append(Score(sum(tl), tl))
+            top = None
+            if top_logprobs:
+                tv, ti = logp[b, :len(c)].topk(top_logprobs, dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(ti.tolist(), tv.tolist())]
+            out.append(Score(sum(tl), tl, top))
         return out
 
 

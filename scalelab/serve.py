@@ -4,7 +4,10 @@ LangChain, the `openai` SDK, our own `openai` backend) can use the lab's models.
 Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `GET /health`. Supported
 request fields: model, n, max_tokens (max_completion_tokens), temperature, top_p, top_k (an extension, as vLLM),
 seed, stop, logprobs / top_logprobs, echo (completions; with max_tokens 0 it returns the prompt's token
-logprobs, which `OpenAIBackend.score` uses), stream (server-sent events, one chunk per token per choice).
+logprobs, which `OpenAIBackend.score` uses), stream (server-sent events, one chunk per token per choice). A
+completions `prompt` may be a batch (a list of strings or of token-id lists: prompt p's samples are choices
+p × n + j, decoded together). `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info` are vLLM's, which
+lm-evaluation-harness's `local-completions` model reads as its tokenizer.
 
 Notable choices:
 - Starlette + uvicorn, bound to 127.0.0.1 only. One worker thread owns the engine (`scheduler.py`) and decodes
@@ -62,10 +65,11 @@ class Limits:
     kv_mib: float = 512.0  # KV cache budget for the batch, MiB: requests reserve n × (prompt + max_tokens) positions
     waiting: int = 64  # requests waiting for room in the batch; one more gets a 429
     stop_strings: int = 8
+    max_prompts: int = 64  # prompts in one /v1/completions request (a list of strings or of token-id lists)
     allow_origins: list[str] = field(default_factory=list)  # besides http(s)://127.0.0.1|localhost[:port]
 
     def validate(self) -> None:
-        for k in ("max_n", "body_bytes", "rows", "kv_mib", "waiting"):
+        for k in ("max_n", "body_bytes", "rows", "kv_mib", "waiting", "max_prompts"):
             if getattr(self, k) < 1:
                 raise ScalelabError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
         for k in ("max_tokens", "prompt_tokens"):
@@ -359,16 +363,29 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
                                f"(the model's context is {ctx})", "prompt")
         return list(ids)
 
-    def prompt_ids(body: dict) -> tuple[list[int], str]:
+    def prompt_ids(body: dict) -> list[tuple[list[int], str, int]]:
+        """The request's prompts as (ids, text, hidden): a string, a list of token ids, or a batch (a list of
+        strings or of token-id lists). `hidden` is 1 where the server put a BOS before the client's text: an echo
+        leaves it out, so the echoed tokens are the prompt's own (as a client's /tokenize counts them)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            if not (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
+                raise RequestError("a batched 'prompt' is a list of strings or a list of token-id lists, not a mix",
+                                   "prompt")
+            if len(prompt) > limits.max_prompts:
+                raise RequestError(f"'prompt' has {len(prompt)} prompts but this server takes at most "
+                                   f"{limits.max_prompts} per request", "prompt")
+            return [one_prompt(p) for p in prompt]
+        return [one_prompt(prompt)]
+
+    def one_prompt(prompt) -> tuple[list[int], str, int]:
         if isinstance(prompt, str):
-            return check_ids(backend.encode(prompt)), prompt
+            ids = check_ids(backend.encode(prompt))
+            return ids, prompt, len(ids) - len(backend.tokens(prompt))
         if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = check_ids(prompt)
-            return ids, tok.decode(ids)
-        raise RequestError("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+            return ids, tok.decode(ids), 0
+        raise RequestError("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         served["requests"] += 1
@@ -383,8 +400,14 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
         for s in strs:
             offs.append(o)
             o += len(s)
-        top = [{token_str(i): v for i, v in t} for t in tops] if tops else None
+        top = [None if t is None else top_dict(t) for t in tops] if tops else None
         return {"tokens": strs, "token_logprobs": lps, "top_logprobs": top, "text_offset": offs}
+
+    def top_dict(top: list[tuple[int, float]]) -> dict:
+        d: dict[str, float] = {}
+        for i, v in top:  # likeliest first: tokens that read the same keep the likelier's logprob
+            d.setdefault(token_str(i), v)
+        return d
 
     def chat_logprobs(tokens: list[int], lps: list, tops: list | None) -> dict:
         def entry(t, lp):
@@ -394,19 +417,31 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
         return {"content": [dict(entry(t, lp), top_logprobs=[entry(i, v) for i, v in (tops[j] if tops else [])])
                             for j, (t, lp) in enumerate(zip(tokens, lps))]}
 
-    async def collect(request: Request, job, params: SamplingParams | None, echo_logprobs: bool, ids: list[int]):
-        """(prompt token logprobs or None, Generation or None), or None once the client has gone (the job is
-        then cancelled and leaves the batch)."""
-        async def work():
+    async def collect(request: Request, job, params: SamplingParams | None, echo_logprobs: bool, top: int,
+                      prompts: list[list[int]]):
+        """Per prompt (decoded together, each its own `job(ids)`): (the prompt's `Score` of ids[1:] or None,
+        Generation or None, {sample: the stop token it ended on}); or None once the client has gone (the jobs
+        are then cancelled and leave the batch)."""
+        async def one(ids: list[int]):
             plps = None
             if echo_logprobs and len(ids) > 1:
-                plps = (await sched.submit(lambda: engine.score(ids[:1], [ids[1:]])).result())[0].token_logprobs
+                plps = (await sched.submit(lambda: engine.score(ids[:1], [ids[1:]], top)).result())[0]
             if params is None:
-                return plps, None
-            c = Collector(params, engine._stops(params))
-            async for deltas in job().items():
+                return plps, None, {}
+            stops = engine._stops(params)
+            c, ends = Collector(params, stops), {}
+            async for deltas in job(ids).items():
                 c.add(deltas)
-            return plps, c.result(len(ids), 0)
+                ends.update((d.index, d.token) for d in deltas if d.token is not None and d.token in stops)
+            return plps, c.result(len(ids), 0), ends
+
+        async def work():
+            tasks = [asyncio.ensure_future(one(ids)) for ids in prompts]
+            try:
+                return await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:  # one failed (or the client left): the others stop too
+                    t.cancel()
 
         result = asyncio.ensure_future(work())
         watch = asyncio.ensure_future(until_gone(request))
@@ -422,34 +457,47 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
                 except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the client is gone
                     pass
 
-    def body_of(ids, params, chat, echo, prompt_text, plps, g) -> dict:
+    def body_of(prompts, params, chat, echo, results) -> dict:
+        """The answer: prompt p's samples j are choices p × n + j (as OpenAI numbers a batch's choices)."""
         choices = []
-        for i, c in enumerate(g.completions if g is not None else []):
-            toks = c.tokens
-            lps = c.logprobs[:len(toks)] if c.logprobs is not None else None
-            tops = c.top_logprobs[:len(toks)] if c.top_logprobs is not None else None
-            if chat:
-                ch = {"index": i, "message": {"role": "assistant", "content": c.text},
-                      "finish_reason": c.finish_reason, "logprobs": None}
-                if params.logprobs:
-                    ch["logprobs"] = chat_logprobs(toks, lps or [], tops)
-            else:
-                text = (prompt_text if echo else "") + c.text
-                ch = {"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
-                if params.logprobs:
-                    lp = comp_logprobs(toks, lps or [], tops, len(prompt_text) if echo else 0)
-                    if echo:
-                        plp = comp_logprobs(ids, [None] + (plps or []), None)
-                        lp = {k: (plp[k] or []) + (lp[k] or []) if k != "top_logprobs" else lp[k] for k in lp}
-                    ch["logprobs"] = lp
-            choices.append(ch)
-        if g is None:  # echo only: the prompt and its logprobs
-            choices = [{"index": 0, "text": prompt_text, "finish_reason": "length",
-                        "logprobs": comp_logprobs(ids, [None] + (plps or []), None) if params.logprobs else None}]
+        for p, ((ids, prompt_text, hidden), (score, g, ends)) in enumerate(zip(prompts, results)):
+            echoed = None
+            if echo and params.logprobs:  # the prompt's own tokens: a BOS the server put first is left out
+                plps = [None] + (score.token_logprobs if score is not None else [])
+                ptops = [None] + ((score.top_logprobs or []) if score is not None else [])
+                echoed = comp_logprobs(ids[hidden:], plps[hidden:], ptops[hidden:] if params.top_logprobs else None)
+            if g is None:  # echo only: the prompt and its logprobs
+                choices += [{"index": p * params.n + j, "text": prompt_text, "finish_reason": "length",
+                             "logprobs": echoed} for j in range(params.n)]
+                continue
+            for j, c in enumerate(g.completions):
+                i, toks = p * params.n + j, c.tokens
+                if chat:
+                    lps = c.logprobs[:len(toks)] if c.logprobs is not None else None
+                    tops = c.top_logprobs[:len(toks)] if c.top_logprobs is not None else None
+                    ch = {"index": i, "message": {"role": "assistant", "content": c.text},
+                          "finish_reason": c.finish_reason, "logprobs": None}
+                    if params.logprobs:
+                        ch["logprobs"] = chat_logprobs(toks, lps or [], tops)
+                else:
+                    text = (prompt_text if echo else "") + c.text
+                    ch = {"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": None}
+                    if params.logprobs:
+                        gen = toks + [ends[j]] if j in ends else toks  # the stop token too, as a stream has it
+                        lps = c.logprobs[:len(gen)] if c.logprobs is not None else None
+                        tops = c.top_logprobs[:len(gen)] if c.top_logprobs is not None else None
+                        lp = comp_logprobs(gen, lps or [], tops, len(prompt_text) if echo else 0)
+                        if echo:
+                            lp = {k: (echoed[k] or []) + (lp[k] or []) for k in lp}
+                            if not params.top_logprobs:
+                                lp["top_logprobs"] = None
+                        ch["logprobs"] = lp
+                choices.append(ch)
         return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices,
-                "usage": usage(len(ids), g.completion_tokens if g is not None else 0)}
+                "usage": usage(sum(len(ids) for ids, _, _ in prompts),
+                               sum(g.completion_tokens for _, g, _ in results if g is not None))}
 
     async def sse(job, ids: list[int], params: SamplingParams, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -516,31 +564,34 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
             params = _params(dict(body, max_tokens=1) if echo_only else body, chat, limits, ctx)
             stream = _get(body, "stream", bool, False)
             if chat:
-                ids = check_ids(backend.encode(backend.chat_prompt(_messages(body)), bos=False))
-                echo, text = False, ""
+                prompts = [(check_ids(backend.encode(backend.chat_prompt(_messages(body)), bos=False)), "", 0)]
+                echo = False
             else:
-                ids, text = prompt_ids(body)
+                prompts = prompt_ids(body)
                 echo = _get(body, "echo", bool, False)
             if stream:
                 if echo:
                     raise RequestError("echo with stream is not supported", "echo")
+                if len(prompts) > 1:
+                    raise RequestError("stream with several prompts is not supported", "stream")
+                ids = prompts[0][0]
                 job = sched.submit_decode(ids, params)
                 return JobStream(sse(job, ids, params, chat), job)
             jobs = []
 
-            def decode():
-                jobs.append(sched.submit_decode(ids, params))
+            def decode(ids):  # a batch's prompts share the continuous batch and wait in line as one request
+                jobs.append(sched.submit_decode(ids, params, bounded=not jobs))
                 return jobs[-1]
 
             try:
-                done = await collect(request, decode, None if echo_only else params, echo and params.logprobs, ids)
+                done = await collect(request, decode, None if echo_only else params, echo and params.logprobs,
+                                     params.top_logprobs, [ids for ids, _, _ in prompts])
             finally:
                 for j in jobs:
                     j.cancel()
             if done is None:  # the client went away; nobody reads this
                 return error_json(499, "client closed the request")
-            plps, g = done
-            return JSONResponse(body_of(ids, params, chat, echo, text, plps, g))
+            return JSONResponse(body_of(prompts, params, chat, echo, done))
         except RequestError as e:
             return error_json(e.status, str(e), e.param)
         except Full as e:
@@ -571,12 +622,52 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
                              "peak_rows": sched.peak_rows, "served": served,
                              "searches": service.stats() if service is not None else None})
 
+    async def tokenize(request: Request):  # vLLM's tokenizer endpoints, which lm-eval's "remote" tokenizer reads
+        try:
+            body = await read_json(request, limits)
+            check_model(body)
+            text = _get(body, "prompt", str, None)
+            if text is None:
+                raise RequestError("'prompt' must be a string", "prompt")
+            ids = backend.encode(text) if _get(body, "add_special_tokens", bool, True) else backend.tokens(text)
+            return JSONResponse({"count": len(ids), "max_model_len": ctx, "tokens": ids})
+        except RequestError as e:
+            return error_json(e.status, str(e), e.param)
+
+    async def detokenize(request: Request):
+        try:
+            body = await read_json(request, limits)
+            check_model(body)
+            ids = _get(body, "tokens", list, None)
+            if ids is None:
+                raise RequestError("'tokens' must be a list of token ids", "tokens")
+            for t in ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                    raise RequestError(f"'tokens' must be token ids in [0, {vocab})", "tokens")
+            return JSONResponse({"prompt": tok.decode(ids, skip_special_tokens=False)})
+        except RequestError as e:
+            return error_json(e.status, str(e), e.param)
+
+    async def tokenizer_info(request: Request):
+        def name(t):
+            return tok.id_to_token(t) if t is not None else None
+
+        return JSONResponse({"tokenizer_class": "scalelab", "model_max_length": ctx, "pad_token": None,
+                             "bos_token": name(backend.bos_id) if backend.add_bos else None,
+                             "eos_token": name(engine.stop_ids[0] if engine.stop_ids else None),
+                             "chat_template": backend.chat_template})
+
     def close() -> None:
         sched.close()  # after uvicorn's graceful drain: cancel whatever is left
         if service is not None:
             service.close()
 
-    app = _starlette(chat_completions, completions, models, health, limits, port, close)
+    from starlette.routing import Route
+
+    app = _starlette(chat_completions, completions, models, health, limits, port, close,
+                     extra=[Route("/tokenize", tokenize, methods=["POST"]),
+                            Route("/detokenize", detokenize, methods=["POST"]),
+                            Route("/tokenizer_info", tokenizer_info, methods=["GET"])])
     app.state.scheduler = sched
     app.state.search = service
     return app
@@ -621,9 +712,10 @@ def _proxy_app(service, limits: Limits, port: int | None, served: dict):
     return app
 
 
-def _starlette(chat_completions, completions, models, health, limits: Limits, port: int | None, close):
-    """The app around the four endpoints: the guard (and CORS for allowed origins), JSON 404/405, and
-    `close` after uvicorn's graceful drain."""
+def _starlette(chat_completions, completions, models, health, limits: Limits, port: int | None, close,
+               extra: list = ()):
+    """The app around the four endpoints (and `extra` routes): the guard (and CORS for allowed origins), JSON
+    404/405, and `close` after uvicorn's graceful drain."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.routing import Route
@@ -636,7 +728,7 @@ def _starlette(chat_completions, completions, models, health, limits: Limits, po
 
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
+              Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]), *extra]
     middleware = [Middleware(_Guard, port=port, allow_origins=limits.allow_origins)]
     if limits.allow_origins:
         from starlette.middleware.cors import CORSMiddleware

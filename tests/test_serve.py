@@ -227,3 +227,72 @@ def test_cli_serve_and_generate(tiny_gguf):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "cannot reach" in p.stderr
     p = run_cli("generate", "--model", str(tiny_gguf), "--prompt", "hi", "--temperature", "-1", timeout=120)
     assert p.returncode == 2 and "temperature" in p.stderr
+
+
+def test_completions_batched_prompts(local):
+    """OpenAI's batched `prompt`: a list of strings or of token-id lists, each prompt its own n choices
+    (index = prompt × n + sample), decoded together in the continuous batch, usage summed; a mix, an empty list
+    or more prompts than the server takes is a 400 in OpenAI's shape."""
+    from scalelab.serve import Limits
+
+    app = create_app(local, Limits(max_prompts=3))
+    with ServerThread(app) as url:
+        url += "/v1/completions"
+        prompts = ["Paris is the", "The quick", "def add("]
+        base = {"max_tokens": 5, "temperature": 0, "logprobs": 1}
+        status, data = post(url, dict(base, prompt=prompts, n=2))
+        assert status == 200, data
+        assert [c["index"] for c in data["choices"]] == list(range(6))
+        singles = []
+        for p in prompts:
+            s, one = post(url, dict(base, prompt=p))
+            assert s == 200 and len(one["choices"]) == 1
+            singles.append(one)
+        for i, c in enumerate(data["choices"]):
+            ref = singles[i // 2]["choices"][0]
+            assert (c["text"], c["finish_reason"]) == (ref["text"], ref["finish_reason"])
+            assert c["logprobs"]["tokens"] == ref["logprobs"]["tokens"]
+            assert max(abs(a - b) for a, b in zip(c["logprobs"]["token_logprobs"],
+                                                  ref["logprobs"]["token_logprobs"])) < 1e-4
+        assert data["usage"]["prompt_tokens"] == sum(o["usage"]["prompt_tokens"] for o in singles)
+        assert data["usage"]["completion_tokens"] == 2 * sum(o["usage"]["completion_tokens"] for o in singles)
+        assert app.state.scheduler.peak_rows >= 2 * len(prompts) - 1  # the prompts shared batch steps
+        # token-id lists are prompts too; echo with max_tokens 0 gives each prompt's logprobs and top logprobs
+        ids = [local.encode(p) for p in prompts[:2]]
+        status, toks = post(url, dict(base, prompt=ids))
+        assert status == 200 and [c["text"] for c in toks["choices"]] == [c["text"] for c in data["choices"][::2][:2]]
+        status, echo = post(url, {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 2})
+        assert status == 200 and [c["index"] for c in echo["choices"]] == [0, 1]
+        for c, p, pids in zip(echo["choices"], prompts, ids):
+            lp = c["logprobs"]
+            assert c["text"] == p and len(lp["tokens"]) == len(pids) and lp["top_logprobs"][0] is None
+            ref = local.engine.score(pids[:1], [pids[1:]], top_logprobs=2)[0]
+            for tl, top, want, want_top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:],
+                                               ref.token_logprobs, ref.top_logprobs):
+                assert abs(tl - want) < 1e-4 and 1 <= len(top) <= 2
+                assert abs(max(top.values()) - want_top[0][1]) < 1e-4
+        for bad in [["a", [1, 2]], [], ["a"] * 4, [[1], []], [["a"]], [[1], [True]], ["a", None]]:
+            status, err = post(url, {"prompt": bad, "max_tokens": 2})
+            assert status == 400, (bad, status, err)
+            assert set(err["error"]) >= {"message", "type", "param", "code"} and err["error"]["param"] == "prompt"
+        status, err = post(url, {"prompt": prompts[:2], "max_tokens": 2, "stream": True})
+        assert status == 400 and err["error"]["param"] == "stream"
+
+
+def test_completions_logprobs_keep_a_stop_token(tiny_gguf):
+    """A sample that ends on a stop token reports that token's logprob too (as a stream does, and as usage
+    counts it), so echo + max_tokens 1 (lm-eval's loglikelihood request) always ends with one generated entry."""
+    be = LocalBackend(str(tiny_gguf))
+    ids = be.encode("Paris is the")
+    first = be.engine.generate(ids, SamplingParams(max_tokens=1, temperature=0)).completions[0].tokens[0]
+    be.engine.stop_ids = [*be.engine.stop_ids, first]  # the greedy next token now ends the sample
+    with ServerThread(create_app(be)) as url:
+        status, d = post(url + "/v1/completions", {"prompt": ids, "max_tokens": 3, "temperature": 0, "logprobs": 1})
+        c = d["choices"][0]
+        assert status == 200 and c["finish_reason"] == "stop" and c["text"] == ""
+        assert len(c["logprobs"]["token_logprobs"]) == d["usage"]["completion_tokens"] == 1
+        status, d = post(url + "/v1/completions", {"prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 1,
+                                                   "echo": True})
+        lp = d["choices"][0]["logprobs"]
+        assert status == 200 and len(lp["tokens"]) == len(ids) + 1 and len(lp["top_logprobs"]) == len(ids) + 1
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
