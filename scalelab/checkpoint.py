@@ -197,6 +197,22 @@ def _check_torch_rng(b64: Any, bad: _Corrupt) -> None:
         torch.set_rng_state(current)
 
 
+def stream_position_problem(pos: Any) -> str:
+    """What is wrong with a streamed corpus's data position (data.StreamBatches.position), as "<.key> <why>",
+    or "" when it is valid: integers epoch, docs, offset >= 0, and hf (the stream's state_dict before the
+    document) an object, or null at the start of an epoch (docs = 0)."""
+    if not isinstance(pos, dict):
+        return " must be an object with integers epoch, docs, offset and hf (null or an object)"
+    for k in ("epoch", "docs", "offset"):
+        if not (_is_int(pos.get(k)) and pos[k] >= 0):
+            return f".{k} must be a non-negative integer"
+    if "hf" not in pos or not (pos["hf"] is None or isinstance(pos["hf"], dict)):
+        return ".hf must be null or the stream's state object"
+    if pos["docs"] and pos["hf"] is None:
+        return ".hf must be the stream's state object when docs > 0"
+    return ""
+
+
 def check_state(state: Any, path: Path, need: tuple[str, ...] = ()) -> None:
     """Validate a checkpoint's parsed state.json: the type and range of every key it has that scalelab reads,
     `step` always and each of `need` (e.g. RESUME_KEYS) required. Raises CheckpointError naming file and key."""
@@ -224,13 +240,21 @@ def check_state(state: Any, path: Path, need: tuple[str, ...] = ()) -> None:
                 bad("config.distributed", "must be an object", dist)
             if "strategy" in dist and not isinstance(dist["strategy"], str):
                 bad("config.distributed.strategy", "must be a string", dist["strategy"])
-    if "data" in state:  # data.Batches.load_state
+    if "data" in state:  # data.Batches.load_state, or data.StreamBatches.load_state (a streamed corpus)
         data = state["data"]
         if not isinstance(data, dict):
             bad("data", "must be an object with integers epoch and index", data)
-        for k in ("epoch", "index"):
-            if not (_is_int(data.get(k)) and data[k] >= 0):
-                bad(f"data.{k}", "must be a non-negative integer", data.get(k))
+        if "ranks" in data:
+            ranks = data["ranks"]
+            if not (isinstance(ranks, list) and ranks):
+                bad("data.ranks", "must be a non-empty list of positions, one per data rank", ranks)
+            for i, pos in enumerate(ranks):
+                if why := stream_position_problem(pos):
+                    bad(f"data.ranks[{i}]{why.split(' ', 1)[0]}", why.split(" ", 1)[1], pos)
+        else:
+            for k in ("epoch", "index"):
+                if not (_is_int(data.get(k)) and data[k] >= 0):
+                    bad(f"data.{k}", "must be a non-negative integer", data.get(k))
     if "rng" in state:  # set_rng_state
         rng = state["rng"]
         if not isinstance(rng, dict):

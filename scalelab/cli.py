@@ -69,11 +69,35 @@ def train(
 
 
 @app.command()
-def report(run: Annotated[Path, typer.Option(help="run directory")]) -> None:
+def report(
+    run: Annotated[Path, typer.Option(help="run directory")],
+    tensorboard: Annotated[bool, typer.Option(
+        help="also (re)write the run's TensorBoard events, tb/, from metrics.jsonl (needs scalelab[tb])")] = False,
+) -> None:
     """Write report.md and loss plots for a run directory."""
     from scalelab import report as reportmod
 
+    if tensorboard:
+        from scalelab import tb
+
+        tb.summary_writer("--tensorboard")  # before anything is written
     typer.echo(str(reportmod.run_report(run)))
+    if tensorboard:
+        typer.echo(str(tb.backfill(run)))
+
+
+@app.command()
+def compare(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="run directories", show_default=False)] = None,
+    metric: Annotated[str, typer.Option(
+        help="a metrics.jsonl field: val_loss, val_bpb, loss, lr, grad_norm, ...")] = "val_loss",
+    x: Annotated[str, typer.Option("--x", help="tokens | steps | seconds")] = "tokens",
+    out: Annotated[Path, typer.Option(help="output directory (compare.md, compare.png)")] = Path("runs/compare"),
+) -> None:
+    """Overlay runs' curves of one metric (compare.png); tabulate final metrics and config differences (compare.md)."""
+    from scalelab import compare as comparemod
+
+    typer.echo(str(comparemod.compare(list(runs or []), metric=metric, x=x, out=out)))
 
 
 @sweep_app.command("diloco")

@@ -46,7 +46,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # stdlib | path to a text file or directory | hf:<dataset name>[:<split>]
+    # stdlib | path to a text file or directory | hf:<dataset>[:<config>][:<split>] | hf:/dir/of/jsonl-or-parquet
+    # (hf: corpora are streamed with `datasets`, the hf extra: see scalelab/data.py)
+    corpus: str = "stdlib"
+    text_field: str = "text"  # hf: corpora: the field of each record that holds its document
     vocab_size: int = 4096
     val_fraction: float = 0.05
     max_bytes: int = 0  # 0 = the whole corpus; else keep documents (in hash order) up to this many bytes
@@ -86,6 +89,7 @@ class TrainConfig:
     # config.toml records the resolved value. The deprecated `train.bf16` is read as an alias (see from_dict).
     dtype: str = "auto"
     probe_every: int = 0  # > 0: every N steps, each norm's input RMS (and DyT saturation) -> probes.jsonl
+    tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard events to <run>/tb/ (extra: tb)
 
 
 @dataclass
@@ -353,6 +357,7 @@ def validate(cfg: Config) -> None:
     need(257 <= dcfg.vocab_size, f"data.vocab_size must be >= 257 (byte-level BPE has 256 base tokens + end-of-text), got {dcfg.vocab_size}")
     need(0 < dcfg.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {dcfg.val_fraction}")
     need(dcfg.max_bytes >= 0, f"data.max_bytes must be >= 0, got {dcfg.max_bytes}")
+    need(bool(dcfg.text_field.strip()), "data.text_field must name the field of a record that holds its text")
     need("".join(dcfg.loss_after.splitlines()) == dcfg.loss_after,
          f"data.loss_after marks a place within a line, so it cannot hold a line break, got {dcfg.loss_after!r}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
@@ -461,6 +466,8 @@ def _validate_distributed(cfg: Config) -> None:
          f"distributed.fault_tolerance must be none or torchft, got {d.fault_tolerance!r}")
     need(d.fault_tolerance == "none" or d.strategy == "diloco",
          "distributed.fault_tolerance=torchft needs distributed.strategy=diloco")
+    need(d.fault_tolerance == "none" or not cfg.data.corpus.startswith("hf:"),
+         "distributed.fault_tolerance=torchft does not support streamed (hf:) corpora yet")
 
 
 def to_toml(cfg: Config) -> str:

@@ -70,7 +70,7 @@ LIMITS = {"samples": 8, "max_tokens": 512, "prompt_chars": 16384, "metric_points
 # this classification covers every field of config.SECTIONS and SearchConfig, so a new path key is not missed.
 PATH_KEYS = ("data.corpus", "data.cache_dir", "diffusion.init_from", "search.task", "search.prices_file")
 SPEC_KEYS = ("search.backend", "search.verifier", "search.judge", "distributed.lighthouse")
-NOT_PATH_KEYS = ("model.norm", "model.final_norm", "data.loss_after", "train.device", "train.dtype", "train.schedule",
+NOT_PATH_KEYS = ("model.norm", "model.final_norm", "data.loss_after", "data.text_field", "train.device", "train.dtype", "train.schedule",
                  "diffusion.search_widths", "distributed.strategy", "distributed.backend",
                  "distributed.fault_tolerance", "search.prompts", "search.score", "search.trigger", "search.price", "search.quant",
                  "search.verifier_price")

@@ -140,6 +140,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     through the hooks marked `[distributed]`; ddp and diloco join torchrun's process group here.
     """
     check_memory(cfg)  # before the data, the tokenizer or any tensor
+    if cfg.train.tensorboard:  # the tensorboard package, or one error line before any work
+        from scalelab import tb
+
+        tb.summary_writer("train.tensorboard=true")
     strat = make_strategy(cfg)
     try:
         return _train(cfg, Path(run_dir), resume, progress, strat)
@@ -190,8 +194,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
     t = cfg.train
     # [distributed] train.batch_size is the global batch; this process reads its 1/world share of it
-    batches = datamod.Batches(prepared.tokens("train"), cfg.model.context, t.batch_size // strat.data_world, t.seed,
-                              strat.data_rank, strat.data_world, mask=prepared.mask("train"))
+    batches = datamod.train_batches(prepared, cfg.data, cfg.model.context, t.batch_size // strat.data_world, t.seed,
+                                    strat.data_rank, strat.data_world)  # random windows, or a streamed corpus's
     val = datamod.eval_batches(prepared.tokens("val"), cfg.model.context, t.batch_size, t.eval_batches,
                                mask=prepared.mask("val"))
     bpt = prepared.bytes_per_token("val")
@@ -225,11 +229,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
     if bd3 is not None and cfg.diffusion.block_size < cfg.model.context:
         flops_per_step *= 2  # BD3-LM trains on x_t ⊕ x, 2L tokens
     metrics = open(run_dir / "metrics.jsonl", "a") if strat.is_writer else None
+    board = None  # train.tensorboard: each record of metrics.jsonl also as TensorBoard scalars in tb/ (rank 0)
+    if t.tensorboard and strat.is_writer:
+        from scalelab import tb
+
+        board = tb.Writer(run_dir, resume_step=start)
 
     def emit(rec: dict) -> None:
         if metrics is not None:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
+        if board is not None:
+            board.write(rec)
 
     def save(step: int, module: torch.nn.Module = model, optim: torch.optim.Optimizer = optimizer) -> None:
         checkpoint.save(ckpt_root, step, module, optim,
@@ -290,10 +301,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, strat: dist
                 emit({"step": done, "tokens": tokens_seen, "val_loss": last_val,
                       "val_bpb": last_val / math.log(2) / bpt, **search})
             if strat.checkpoint_due(done, t.ckpt_every, t.max_steps):  # [distributed] DiLoCo: at outer steps
+                batches.sync(strat)  # [distributed] a streamed corpus: every rank's position, for rank 0 to save
                 strat.save(done, ckpt_root, model, optimizer, save)
             bar.update(task, completed=done)
     if metrics is not None:
         metrics.close()
+    if board is not None:
+        board.close()
     if last_val is None:  # resumed a finished run: report its last evaluation ([distributed] rank 0 only)
         emodel = strat.eval_model(model)
         last_val = (bd3.evaluate(emodel, val) if bd3 is not None else evaluate(emodel, val)) if strat.is_writer else math.nan
