@@ -4,8 +4,10 @@ same questions, in the same run.
 For each question (arithmetic word problems, the search's own generator), interleaved: the CLI searches it
 alone (`scalelab search` over a one-problem JSONL; its wall-clock is the sum of its calls' seconds, so model
 loading is left out), then one client asks the endpoint the same question with the same settings (wall-clock
-measured by the client). Then `--clients` clients ask all the questions at once. The endpoint's messages are
-the CLI's solve prompt, so generation prompts are identical; verification quotes the whole user message.
+measured by the client). The two make the same calls: the endpoint's message is the CLI's solve prompt,
+`search.question` is the bare question the CLI's verifications quote, and the CLI's problem is named "served"
+with the request's seed, so every call's seed is the same; the script checks that both select the same
+candidate from the same samples. Then `--clients` clients ask all the questions at once.
 
 Prints per-request wall-clock (medians), the endpoint's overhead over the CLI, requests per minute with one
 and with `--clients` clients, and the share of prompt tokens the prefix cache saved.
@@ -32,7 +34,7 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import ROOT, start_server  # noqa: E402
 
-from scalelab.search import tasks  # noqa: E402
+from scalelab.search import replay, tasks  # noqa: E402
 from scalelab.search.formats import prompt_file  # noqa: E402
 
 
@@ -58,7 +60,8 @@ def main() -> None:
         t0 = time.perf_counter()
         r = client.chat.completions.create(
             model=f"sss:{a.model}", messages=[{"role": "user", "content": prompt_file("sss-solve-v1.txt").format(
-                question=problems[i].question)}], extra_body={"search": dict(opts, seed=seed)})
+                question=problems[i].question)}],
+            extra_body={"search": dict(opts, seed=seed, question=problems[i].question)})
         return time.perf_counter() - t0, r.model_extra["scalelab_search"]
 
     cli_s, one_s, cli_tok, one_tok, exts = [], [], [], [], []
@@ -71,11 +74,11 @@ def main() -> None:
         for i, p in enumerate(problems):
             d = root / f"cli-{i}"
             d.mkdir(parents=True)
-            (d / "q.jsonl").write_text(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n")
+            (d / "q.jsonl").write_text(json.dumps({"id": "served", "question": p.question, "answer": p.answer}) + "\n")
             subprocess.run([sys.executable, "-m", "scalelab.cli", "search", "--backend", a.model, "--tasks",
                             str(d / "q.jsonl"), "-n", "1", "--k", str(a.k), "--kv", str(a.kv), "--max-tokens",
                             str(a.max_tokens), "--verify-max-tokens", str(a.max_tokens), "--set",
-                            f"search.k_tie={a.k_tie}", "--out", str(d / "run")], env=env, check=True,
+                            f"search.k_tie={a.k_tie}", "--seed", str(i), "--out", str(d / "run")], env=env, check=True,
                            stdout=subprocess.DEVNULL)
             calls = [json.loads(x) for x in (d / "run" / "transcripts.jsonl").read_text().splitlines()]
             cli_s.append(sum(c["seconds"] for c in calls))
@@ -84,8 +87,11 @@ def main() -> None:
             one_s.append(s)
             one_tok.append(computed(ext))
             exts.append(ext)
-            print(f"question {i}: CLI {cli_s[-1]:.1f} s ({len(calls)} calls), endpoint {s:.1f} s "
-                  f"({sum(u['calls'] for u in ext['tokens'].values())} calls)", flush=True)
+            cli_texts = [o["text"] for c in calls if c["key"] == "gen:served" for o in c["outputs"]]
+            same = cli_texts == [c["text"] for c in ext["candidates"]] and replay(d / "run")[2][0].pick == ext["selected"]
+            print(f"question {i}: CLI {cli_s[-1]:.1f} s ({len(calls)} calls, {cli_tok[-1]} tokens computed), "
+                  f"endpoint {s:.1f} s ({sum(u['calls'] for u in ext['tokens'].values())} calls, {one_tok[-1]} "
+                  f"tokens); {'same' if same else 'DIFFERENT'} samples and pick", flush=True)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(a.clients) as pool:
             many = list(pool.map(lambda i: ask(i % a.n, 100 + i), range(a.clients)))
@@ -103,7 +109,7 @@ def main() -> None:
     rate_cli = statistics.median(t / s for t, s in zip(cli_tok, cli_s))
     rate_one = statistics.median(t / s for t, s in zip(one_tok, one_s))
     print(f"  computed tokens/s     CLI {rate_cli:.0f}, endpoint {rate_one:.0f}   overhead per token "
-          f"{100 * (rate_cli / rate_one - 1):+.1f}% (the two sample differently: seeds derive from different names)")
+          f"{100 * (rate_cli / rate_one - 1):+.1f}%")
     print(f"  endpoint, {a.clients} clients   {statistics.median(s for s, _ in many):8.1f} s   "
           f"(all {a.clients} in {wall:.1f} s)")
     print(f"requests per minute: 1 client {60 / one:.2f}; {a.clients} clients {60 * a.clients / wall:.2f} "

@@ -256,6 +256,7 @@ def serve(
     batch_rows: Annotated[int, typer.Option(help="sequences decoded together (a request with n samples takes n)")] = 64,
     kv_mib: Annotated[float, typer.Option(help="KV cache budget of the batch in MiB")] = 512.0,
     max_waiting: Annotated[int, typer.Option(help="requests waiting for room in the batch; one more gets a 429")] = 64,
+    max_prompts: Annotated[int, typer.Option(help="prompts in one batched /v1/completions request")] = 64,
     grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 10.0,
     quant: Annotated[str, typer.Option(help=QUANT_HELP)] = "auto",
     upstream: Annotated[Optional[str], typer.Option(
@@ -289,7 +290,8 @@ def serve(
     if dtype == "bfloat16":
         print(BF16_WARNING, file=sys.stderr)
     limits = Limits(max_tokens=max_tokens, max_n=max_n, prompt_tokens=max_prompt_tokens, body_bytes=max_body,
-                    rows=batch_rows, kv_mib=kv_mib, waiting=max_waiting, allow_origins=list(allow_origin or []))
+                    rows=batch_rows, kv_mib=kv_mib, waiting=max_waiting, max_prompts=max_prompts,
+                    allow_origins=list(allow_origin or []))
     spec = upstream or model or "smollm2"
     gen_up = make_backend(upstream, retries=retries) if upstream else None
     ver = make_backend(verifier_upstream, retries=retries) if verifier_upstream else None

@@ -318,8 +318,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(slow_gguf, tmp_path):
 def test_bad_serve_options_exit_2(slow_gguf):
     from conftest import run_cli
 
-    for args, words in [(["--max-n", "0"], "max-n"), (["--grace", "-1"], "grace"), (["--port", "0"], "port"),
-                        (["--quant", "int3"], "quant")]:
+    for args, words in [(["--max-n", "0"], "max-n"), (["--max-prompts", "0"], "max-prompts"),
+                        (["--grace", "-1"], "grace"), (["--port", "0"], "port"), (["--quant", "int3"], "quant")]:
         p = run_cli("serve", "--model", str(slow_gguf), *args, timeout=120)
         assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 

@@ -62,7 +62,7 @@ OPTIONS = {"k": "k_inf", "kv": "k_verif", "k_tie": "k_tie", "temperature": "temp
            "verify_temperature": "verify_temperature", "tie_temperature": "tie_temperature", "score": "score",
            "trigger": "trigger", "prelim": "prelim", "prelim_k": "prelim_k", "max_tokens": "max_tokens",
            "verify_max_tokens": "verify_max_tokens", "threshold": "threshold"}
-EXTRA = ("method", "seed", "price", "verifier_price", "reference", "progress_events", "equivalence")
+EXTRA = ("method", "seed", "price", "verifier_price", "reference", "progress_events", "equivalence", "question")
 PHASES = (*costmod.PHASES, "judge")  # `judge`: final-answer equivalence (free-form answers), when asked
 
 
@@ -90,6 +90,7 @@ class Plan:
     reference: str = ""
     progress_events: bool = False
     equivalence: str = "text"  # text (normalised text and exact numbers) | judge (the server's --judge merges)
+    question: str = ""  # what verification and comparison quote ("": the last user message, see _question)
 
 
 class Watched:
@@ -361,13 +362,17 @@ class SearchService:
         if equivalence == "judge" and self.judge is None:
             raise SearchRequestError("search.equivalence 'judge' needs a server started with --judge",
                                      "search.equivalence")
+        question = opts.get("question", "")
+        if not isinstance(question, str):
+            raise SearchRequestError("search.question must be a string (the question verification quotes)",
+                                     "search.question")
         pe = opts.get("progress_events", False)
         if not isinstance(pe, bool):
             raise SearchRequestError("search.progress_events must be true or false", "search.progress_events")
         cfg.seed = (seed if seed is not None else secrets.randbits(62)) % (1 << 63)
         return Plan(method, cfg, messages, cfg.seed, f"{method}:{model if model is not None else 'default'}",
                     _price_arg(opts.get("price"), "price"), _price_arg(opts.get("verifier_price"), "verifier_price"),
-                    reference, pe, equivalence)
+                    reference, pe, equivalence, question)
 
     # ---- running ------------------------------------------------------------------------------------------
     def _price(self, arg: Any, default: str) -> tuple[str, costmod.Price | None]:
@@ -381,7 +386,7 @@ class SearchService:
         """The search, on the calling thread: the `scalelab_search` object plus the selected text."""
         t0 = time.perf_counter()
         tid = f"srv-{uuid.uuid4().hex[:16]}"
-        question = _question(plan.messages)
+        question = plan.question or _question(plan.messages)
         meta = {"messages": plan.messages, "method": plan.method, "backend": self.spec,
                 "search": {f: getattr(plan.cfg, f) for f in (*OPTIONS.values(), "seed")}, "seed_name": "served",
                 "equiv": plan.equivalence}
