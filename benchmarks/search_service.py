@@ -53,7 +53,8 @@ def main() -> None:
     problems = tasks.arithmetic_problems(a.n, seed=0)
     opts = {"k": a.k, "kv": a.kv, "k_tie": a.k_tie, "max_tokens": a.max_tokens, "verify_max_tokens": a.max_tokens}
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    server, port = start_server(a.model, extra=("--log-dir", str(root / "served")))
+    # the KV budget of the CLI's batched calls (LocalBackend.generate_many: 1024 MiB), so both batch alike
+    server, port = start_server(a.model, extra=("--log-dir", str(root / "served"), "--kv-mib", "1024"))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
 
     def ask(i: int, seed: int) -> tuple[float, dict]:
