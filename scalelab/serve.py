@@ -606,16 +606,6 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
             log.exception("internal error")
             return error_json(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    async def completions(request: Request):
-        return await handle(request, chat=False)
-
-    async def models(request: Request):
-        ids = [model_name, *(f"{m}:{model_name}" for m in (service.methods if service is not None else ()))]
-        return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": 0,
-                                                         "owned_by": "scalelab"} for i in ids]})
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "in_flight": sched.pending(), "steps": sched.steps,
@@ -664,7 +654,8 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
 
     from starlette.routing import Route
 
-    app = _starlette(chat_completions, completions, models, health, limits, port, close,
+    app = _starlette(handle, [model_name, *(f"{m}:{model_name}" for m in (service.methods if service else ()))],
+                     health, limits, port, close,
                      extra=[Route("/tokenize", tokenize, methods=["POST"]),
                             Route("/detokenize", detokenize, methods=["POST"]),
                             Route("/tokenizer_info", tokenizer_info, methods=["GET"])])
@@ -693,32 +684,34 @@ def _proxy_app(service, limits: Limits, port: int | None, served: dict):
             log.exception("internal error")
             return error_json(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    async def completions(request: Request):
-        return await handle(request, chat=False)
-
-    async def models(request: Request):
-        ids = [service.upstream_model, *(f"{m}:{service.upstream_model}" for m in service.methods)]
-        return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": 0,
-                                                         "owned_by": "scalelab"} for i in ids]})
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "upstream": service.spec, "searches": service.stats()})
 
-    app = _starlette(chat_completions, completions, models, health, limits, port, service.close)
+    up = service.upstream_model
+    app = _starlette(handle, [up, *(f"{m}:{up}" for m in service.methods)], health, limits, port, service.close)
     app.state.search = service
     return app
 
 
-def _starlette(chat_completions, completions, models, health, limits: Limits, port: int | None, close,
-               extra: list = ()):
-    """The app around the four endpoints (and `extra` routes): the guard (and CORS for allowed origins), JSON
-    404/405, and `close` after uvicorn's graceful drain."""
+def _starlette(handle, model_ids: list[str], health, limits: Limits, port: int | None, close, extra: list = ()):
+    """The app around the four endpoints (`handle(request, chat)` answers both completion routes; `/v1/models`
+    lists `model_ids`) and `extra` routes: the guard (and CORS for allowed origins), JSON 404/405, and `close`
+    after uvicorn's graceful drain."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
     from starlette.routing import Route
+
+    async def chat_completions(request):
+        return await handle(request, chat=True)
+
+    async def completions(request):
+        return await handle(request, chat=False)
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": i, "object": "model", "created": 0,
+                                                         "owned_by": "scalelab"} for i in model_ids]})
 
     async def not_found(request, exc):
         return error_json(404, f"no route {request.method} {request.url.path}", kind="not_found_error")
