@@ -64,7 +64,8 @@ def _test_pause(phase: str, step: int) -> None:
     time.sleep(60)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries, after renames into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -111,7 +112,7 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
         (tmp / "state.json").write_text(json.dumps(meta))
         for f in tmp.iterdir():
             _fsync_file(f)
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():  # re-saving a step after a resume: swap the old one out first
             old = ckpt_root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -121,7 +122,7 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.op
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_path(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from scalelab.checkpoint import fsync_path
 from scalelab.errors import ScalelabError
 
 FORMATS = ("hf", "gguf")
@@ -182,14 +183,6 @@ def _check_out(out: Path, force: bool) -> None:
         raise ScalelabError(f"cannot write --out {out}: {out.parent} is not a directory")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic(out: Path, write: Callable[[Path], None], is_file: bool) -> None:
     """Run write(tmp) on a temporary sibling of `out` (a directory, or a file path when `is_file`), then rename
     it into place, moving an existing `out` aside first and deleting it once the new one is there."""
@@ -205,12 +198,12 @@ def _atomic(out: Path, write: Callable[[Path], None], is_file: bool) -> None:
             os.chmod(tmp, 0o777 & ~mask)
         for f in ([target] if is_file else [p for p in tmp.rglob("*") if p.is_file()]):
             os.chmod(f, 0o666 & ~mask)
-            _fsync(f)
+            fsync_path(f)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
             os.replace(out, old)
         os.replace(target, out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         if old is not None and not out.exists():  # the new copy did not arrive: put the old one back
             os.replace(old, out)
