@@ -4,12 +4,10 @@
 Every server here is stopped, every request is bounded (small k, short max_tokens, timeouts of seconds).
 """
 
-import dataclasses
 import importlib.util
 import json
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
@@ -393,12 +391,10 @@ def test_free_form_answer_keys():
     assert k("so 17 + 25 = 42.\n#### 42") == k("The answer is 42.") == k("\\boxed{42}") == k("Answer: **42**") == "42"
     assert k("Paris.") == k("  **paris** ") == "paris" != k("Lyon")
     assert k("Answer: 1/2") == k("#### 0.5")
-    assert re.fullmatch(r"srv-[0-9a-f]{16}", "srv-" + "0" * 16)
     assert search.pick("consistency", [0, 0, 0, 0], ["a", "b", "b", None]) == 1
     assert search.pick("pyes-vote", [0.9, 0.2, 0.3, 0.1], ["a", "b", "b", "b"]) == 0  # 0.9 > 0.6
     assert search.pick("best-of-n", [0.2, 0.9, 0.9], ["a", "b", "c"]) == 1
     assert search.pick("consistency", [0.0, 0.0], [None, None]) == 0
-    assert dataclasses.is_dataclass(svc.Plan)
 
 
 class Words:
