@@ -142,8 +142,11 @@ def cli(*args) -> tuple[int, str, str]:
     def show(message, category, filename, lineno, file=None, line=None):  # as a fresh interpreter prints them
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
+    import torch
+
     out, err = io.StringIO(), io.StringIO()
     code = 0
+    threads = torch.get_num_threads()  # `train.threads` must not leak into the rest of the suite
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
         warnings.simplefilter("default")  # Python's default filters, not pytest's capture
         for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
@@ -153,7 +156,18 @@ def cli(*args) -> tuple[int, str, str]:
             main([str(a) for a in args])
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
+
+
+def fails(args: list, msg: str) -> str:
+    """Run `scalelab ARGS` in-process and assert a user error: exit status 2, one stderr line holding `msg`, no
+    traceback. Returns the line."""
+    code, _, err = cli(*args)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and msg in lines[0] and "Traceback" not in err, (args, code, err)
+    return lines[0]
 
 
 def snapshot(*dirs: Path) -> dict[str, str]:

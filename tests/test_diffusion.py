@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, cli, fails, run_cli, tiny_overrides
 from scalelab import diffusion as bd
 from scalelab.config import ModelConfig
 from scalelab.model import KVCache, Transformer
@@ -227,27 +227,22 @@ def test_bd3_bad_inputs_exit_2_with_one_line(bd3_run, corpus_dir, cache_dir, tmp
         ({"diffusion.block_size": 4, "diffusion.init_from": str(tmp_path)}, "not a run directory"),
     ]
     for extra, msg in cases:
-        p = run_cli("train", "--quiet", "--out", str(tmp_path / "o"), *tiny_overrides(corpus_dir, cache_dir, **extra))
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], (extra, p.stderr)
+        fails(["train", "--quiet", "--out", tmp_path / "o", *tiny_overrides(corpus_dir, cache_dir, **extra)], msg)
     for args, msg in [(["--mode", "ar"], "is a BD3-LM run"), (["--steps", "0"], "--steps must be in [1, block size"),
                       (["--steps", "5"], "--steps must be in [1, block size"), (["--mode", "x"], "--mode must be")]:
-        p = run_cli("sample", "--run", str(bd3_run), *args)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], (args, p.stderr)
+        fails(["sample", "--run", bd3_run, *args], msg)
 
 
 def test_sampling_an_ar_run_as_bd3_is_refused(corpus_dir, cache_dir, tmp_path):
     out = tmp_path / "ar"
-    run_cli("train", "--quiet", "--out", str(out), *tiny_overrides(corpus_dir, cache_dir, **{"train.max_steps": 2, "train.warmup_steps": 1}),
-            check=True)
+    code, _, err = cli("train", "--quiet", "--out", out,
+                       *tiny_overrides(corpus_dir, cache_dir, **{"train.max_steps": 2, "train.warmup_steps": 1}))
+    assert code == 0, err
     for args, msg in [(["--mode", "bd3"], "is an autoregressive run"), (["--steps", "2"], "for BD3-LM runs only")]:
-        p = run_cli("sample", "--run", str(out), *args)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and len(lines) == 1 and msg in lines[0], (args, p.stderr)
-    p = run_cli("train", "--quiet", "--out", str(tmp_path / "ft"),
-                *tiny_overrides(corpus_dir, cache_dir, **{"diffusion.block_size": 4, "diffusion.init_from": str(out)}))
-    assert p.returncode == 2 and "is an autoregressive run" in p.stderr
+        fails(["sample", "--run", out, *args], msg)
+    fails(["train", "--quiet", "--out", tmp_path / "ft",
+           *tiny_overrides(corpus_dir, cache_dir, **{"diffusion.block_size": 4, "diffusion.init_from": str(out)})],
+          "is an autoregressive run")
 
 
 def test_sampling_frontier_report_and_plot(tmp_path):
@@ -271,3 +266,28 @@ def test_sampling_frontier_report_and_plot(tmp_path):
          "cfg": configmod.Config(), "reps": 1, "n_samples": 2, "val_windows": 4}
     measured, text = dr.report_body(r)
     assert "ceiling" in measured and "| 1 | BD3 L′=16 T=4 | 4 |" in text
+
+
+def test_bd3_order_verdict_over_seeds():
+    """The ordering claim per adjacent pair, paired by seed: clear gaps hold, a reversed pair does not hold, a
+    gap whose seeds disagree is inconclusive (with the seeds that would separate it), an untrained arm gives
+    did not train, and the per-pair verdicts validate as verdicts.json entries."""
+    from scalelab.papers import bd3lm as dr
+    from scalelab.papers import verdict as V
+
+    order = ["ar", "l4", "l16", "mdlm"]
+    ok = {k: False for k in order}
+    clear = {"ar": [3.0, 3.02], "l4": [3.2, 3.21], "l16": [3.4, 3.43], "mdlm": [3.6, 3.63]}
+    v, parts, pair_v, cis = dr.order_verdicts(clear, order, ok, {"seeds": 2})
+    assert v == V.HOLDS and list(pair_v.values()) == [V.HOLDS] * 3 and len(parts) == 3
+    assert abs(cis[("ar", "l4")].mean - (-0.195)) < 1e-12  # the paired mean of (3.0-3.2, 3.02-3.21)
+    V.validate_verdicts([p.to_json() for p in parts])
+    flipped = dict(clear, l16=[3.1, 3.12])  # L′=16 clearly below L′=4
+    v, _, pair_v, _ = dr.order_verdicts(flipped, order, ok, {})
+    assert pair_v[("l4", "l16")] == V.DOES_NOT_HOLD and v == V.DOES_NOT_HOLD
+    noisy = dict(clear, l16=[3.15, 3.3])  # one seed above L′=4, one below
+    v, parts, pair_v, _ = dr.order_verdicts(noisy, order, ok, {})
+    assert pair_v[("l4", "l16")] == V.INCONCLUSIVE and v == V.INCONCLUSIVE
+    assert parts[1].figures["seeds_to_separate"] is None or parts[1].figures["seeds_to_separate"] > 2
+    v, _, pair_v, _ = dr.order_verdicts(flipped, order, dict(ok, mdlm=True), {})
+    assert v == V.DID_NOT_TRAIN and pair_v[("l16", "mdlm")] == V.DID_NOT_TRAIN

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_overrides
+from conftest import fails, run_cli, tiny_overrides
 from scalelab.errors import ScalelabError
 from scalelab.scaling import fit_joint, fit_power_law
 
@@ -64,8 +64,7 @@ def test_sweep_cli_runs_the_grid_and_fits(corpus_dir, cache_dir, tmp_path):
     assert "joint: L = " in p.stdout and (out / "scaling.png").is_file() and "| joint |" in (out / "scaling.md").read_text()
     for bad, msg in ((["--sizes", "a,b"], "comma-separated integers"), (["--h", "0"], "--h >= 1"),
                      (["--replicas", "3"], "divisible by every M")):
-        q = run_cli("sweep", "diloco", "--out", str(out / "bad"), *bad, *sets)
-        assert q.returncode == 2 and len(q.stderr.strip().splitlines()) == 1 and msg in q.stderr, q.stderr
+        fails(["sweep", "diloco", "--out", out / "bad", *bad, *sets], msg)
 
 
 def test_diloco_hparams_from_the_paper_fits():
