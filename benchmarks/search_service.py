@@ -107,6 +107,14 @@ def main() -> None:
     print(f"\nper request (medians of {a.n}, k={a.k}, kv={a.kv}, k_tie={a.k_tie}, max_tokens={a.max_tokens}):")
     print(f"  CLI scalelab search   {cli:8.1f} s")
     print(f"  endpoint, 1 client    {one:8.1f} s   overhead {100 * (one / cli - 1):+.1f}% (target <= +10%)")
+    # where the endpoint's time goes: its model calls (as the CLI's are counted), the search around them on the
+    # server, and the HTTP round trip
+    calls_s = [sum(v for k, v in e["seconds"].items() if k != "total") for e in exts[:a.n]]
+    total_s = [e["seconds"]["total"] for e in exts[:a.n]]
+    print(f"  endpoint breakdown    model calls {statistics.median(calls_s):.1f} s "
+          f"({100 * (statistics.median(c / x for c, x in zip(calls_s, cli_s)) - 1):+.1f}% vs the CLI's calls), "
+          f"search logic {statistics.median(t - c for t, c in zip(total_s, calls_s)):.2f} s, "
+          f"HTTP and client {statistics.median(o - t for o, t in zip(one_s, total_s)):.2f} s")
     rate_cli = statistics.median(t / s for t, s in zip(cli_tok, cli_s))
     rate_one = statistics.median(t / s for t, s in zip(one_tok, one_s))
     print(f"  computed tokens/s     CLI {rate_cli:.0f}, endpoint {rate_one:.0f}   overhead per token "

@@ -99,11 +99,15 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     centre = {M: ddp_lr * diloco_hparams(N, M)[0] for M in MS}
     grid = {M: list(outer_lrs) for M in MS}
 
-    def sweep_runs(points: list[tuple[int, float, float]]) -> None:  # every M's points in one call, side by side
-        for pt, v in zip(points, loss([diloco_config("diloco", M, 0, quick, lr, o) for M, lr, o in points])):
+    def sweep_runs(points: list[tuple[int, float, float]], extra: tuple = ()) -> None:
+        # every M's points in one call, side by side (one-process runs first, so they pair up on 2 cores)
+        cfgs = [*extra, *(diloco_config("diloco", M, 0, quick, lr, o) for M, lr, o in points)]
+        for pt, v in zip(points, loss(cfgs)[len(extra):]):
             sweep[pt] = v
 
-    sweep_runs([(M, centre[M], o) for M in MS for o in grid[M]])
+    # DDP's other seeds need only its lr: they run beside the first grid
+    sweep_runs([(M, centre[M], o) for M in MS for o in grid[M]],
+               extra=tuple(diloco_config("ddp", 1, s, quick, ddp_lr) for s in seeds[1:]))
     # as the paper does, extend each grid until its optimum is interior (the best outer lr falls with H)
     while edge := [M for M in MS if min(grid[M], key=lambda o: sweep[(M, centre[M], o)]) == min(grid[M]) > 0.05]:
         for M in edge:
