@@ -92,7 +92,9 @@ def main() -> None:
             same = cli_texts == [c["text"] for c in ext["candidates"]] and replay(d / "run")[2][0].pick == ext["selected"]
             print(f"question {i}: CLI {cli_s[-1]:.1f} s ({len(calls)} calls, {cli_tok[-1]} tokens computed), "
                   f"endpoint {s:.1f} s ({sum(u['calls'] for u in ext['tokens'].values())} calls, {one_tok[-1]} "
-                  f"tokens); {'same' if same else 'DIFFERENT'} samples and pick", flush=True)
+                  f"tokens; model calls {sum(v for k, v in ext['seconds'].items() if k != 'total'):.1f} s, server "
+                  f"total {ext['seconds']['total']:.1f} s); {'same' if same else 'DIFFERENT'} samples and pick",
+                  flush=True)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(a.clients) as pool:
             many = list(pool.map(lambda i: ask(i % a.n, 100 + i), range(a.clients)))
