@@ -186,12 +186,16 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
     val = _val_batches(ref, ref.train.eval_batches * 2)
     _, ar = _load(out / "ar")
     res: dict = {"ar": {"nll": bd.ar_nll(ar, val), "se": 0.0}}
+
+    def nelbos(m: Transformer, block: int) -> list[float]:  # one per noise draw, on the same windows
+        return [bd.evaluate_nelbo(m, val, block, repeats=1, seed=r) for r in range(reps)]
+
     clips = {}
     for name, block, _ in plan[1:]:
         if name == "ft-pretrain-mdlm":
             continue
         cfg, m = _load(out / name)
-        vals = [bd.evaluate_nelbo(m, val, block, repeats=1, seed=r) for r in range(reps)]
+        vals = nelbos(m, block)
         res[name] = {"nll": statistics.fmean(vals), "se": statistics.stdev(vals) / math.sqrt(reps), "block": block}
         state = json.loads((sorted((out / name / "checkpoints").glob("step_*"))[-1] / "state.json").read_text())
         clips[name] = tuple(state.get("diffusion", {}).get("clip", (cfg.diffusion.clip_lo, cfg.diffusion.clip_hi)))
@@ -200,8 +204,7 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
     for s in seeds[1:]:
         for name in order:
             m = _load(out / f"{name}-s{s}")[1]
-            seed_nll[name].append(bd.ar_nll(m, val) if name == "ar" else statistics.fmean(
-                bd.evaluate_nelbo(m, val, blocks_of[name], repeats=1, seed=r) for r in range(reps)))
+            seed_nll[name].append(bd.ar_nll(m, val) if name == "ar" else statistics.fmean(nelbos(m, blocks_of[name])))
 
     tok = tokmod.load(out / "ar" / "tokenizer.json")
     eot = tokmod.eot_id(tok)

@@ -77,7 +77,9 @@ def diloco_config(strategy: str, M: int, seed: int, quick: bool, lr: float, oute
 def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     from scalelab.scaling import diloco_hparams, param_count
 
-    opts = dataclasses.replace(opts or Options(), parallel=max((opts or Options()).parallel, min(2, os.cpu_count() or 1)))
+    opts = opts or Options()
+    # one-thread runs side by side (see diloco_config): at least two at once wherever there are two cores
+    opts = dataclasses.replace(opts, parallel=max(opts.parallel, min(2, os.cpu_count() or 1)))
     z = sizes(quick)
     seeds = z["seeds"]
     # the inner lr around the paper's fit: full mode ½× and 2×; quick mode one point, DDP's own tuned lr (the
