@@ -30,3 +30,29 @@ def test_runner_trains_reuses_and_reports_failures(corpus_dir, cache_dir, tmp_pa
     with pytest.raises(ScalelabError) as e:
         train_runs([(bad, tmp_path / "c")], Options())
     assert "\n" not in str(e.value) and "missing" in str(e.value)
+
+
+def test_runs_in_this_process_equal_a_fresh_process(corpus_dir, cache_dir, tmp_path):
+    """One run at a time trains in the card's own process: its numbers equal `scalelab train` in a fresh
+    process, bit for bit, also after another run trained in this process; torch's threads and the caller's
+    config are left as they were, and the log goes to the run's train.log."""
+    import json
+
+    import torch
+
+    def cfg(name, norm):
+        return _cfg(corpus_dir, cache_dir, name, **{"model.norm": norm, "train.threads": 1})
+
+    def curve(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in rows]
+
+    threads = torch.get_num_threads()
+    fresh = train_runs([(cfg("b", "dyt"), tmp_path / "fresh" / "b")], Options(parallel=2))  # a process of its own
+    jobs = [(cfg("a", "rmsnorm"), tmp_path / "here" / "a"), (cfg("b", "dyt"), tmp_path / "here" / "b")]
+    before = config.to_toml(jobs[1][0])
+    here = train_runs(jobs, Options())
+    assert curve(tmp_path / "here" / "b") == curve(tmp_path / "fresh" / "b") and here[1]["val_loss"] == fresh[0]["val_loss"]
+    assert torch.get_num_threads() == threads and config.to_toml(jobs[1][0]) == before
+    log = (tmp_path / "here" / "b" / "train.log").read_text()
+    assert "val loss" in log and (tmp_path / "here" / "b" / "report.md").is_file()

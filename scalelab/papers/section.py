@@ -5,7 +5,9 @@ A section states its claim, the threshold it judges by (fixed in the code, befor
 regime it tests beside the paper's, and a verdict from the one protocol of `verdict.py`. Its training runs are
 ordinary run directories trained by `train_runs`: finished runs are reused, interrupted ones resume, and
 single-process runs go two at a time on a 2-core machine (one thread each), with one progress display for
-the whole card.
+the whole card. Runs that go one at a time train in the card's own process, as `scalelab train --resume`
+would (the same function, the same files, train.log included): a process per run paid ~5 s each for the
+interpreter, torch, torch._dynamo (imported by AdamW's constructor) and matplotlib.
 """
 
 from __future__ import annotations
@@ -127,9 +129,10 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
 def train_runs(jobs: list[tuple[configmod.Config, Path]], opts: Options | None = None) -> list[dict]:
     """Train every (config, run directory) pair; return each run's final train + eval line.
 
-    Each run is `scalelab train --resume` in its own process (its resolved recipe is written to `<run>.toml`
-    beside it), `opts.parallel` processes at a time (a DiLoCo run of M replicas counts M; when more than one
-    process runs, each gets one thread). A finished run is reused."""
+    Each run is `scalelab train --resume` (its resolved recipe is written to `<run>.toml` beside it), in its own
+    process, `opts.parallel` processes at a time (a DiLoCo run of M replicas counts M; when more than one
+    process runs, each gets one thread); with `opts.parallel` = 1 a single-process run trains in this process
+    instead (`_train_here`). A finished run is reused."""
     opts = opts or Options()
     results: dict[int, dict] = {}
     pending: list[int] = []
@@ -149,8 +152,12 @@ def train_runs(jobs: list[tuple[configmod.Config, Path]], opts: Options | None =
                 if running and used + _procs(cfg) > budget:
                     break
                 i = pending.pop(0)
-                running[i] = _launch(cfg, Path(run), one_thread=budget > 1 or _procs(cfg) > 1)
                 opts.tick(run=cfg.name)
+                if budget == 1 and cfg.distributed.strategy == "single":
+                    results[i] = _train_here(cfg, Path(run))
+                    opts.tick(done=1)
+                    continue
+                running[i] = _launch(cfg, Path(run), one_thread=budget > 1 or _procs(cfg) > 1)
             for i, (proc, logf) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -178,6 +185,46 @@ def _procs(cfg: configmod.Config) -> int:
     count: the global batch is fixed); single one."""
     d = cfg.distributed
     return max(1, d.replicas) if d.strategy == "diloco" else 1
+
+
+def _train_here(cfg: configmod.Config, run: Path) -> dict:
+    """`scalelab train --recipe <run>.toml --out <run> --resume --quiet`, in this process: the same trainer and
+    report, its log lines appended to `<run>/train.log` (not to the card's console), torch's thread count put
+    back afterwards. The run's numbers equal a fresh process's (tested): the trainer seeds everything it draws."""
+    import copy
+    import logging
+
+    import torch
+
+    from scalelab import report, train as trainmod
+
+    make_dir(run)
+    write_text(run.with_name(run.name + ".toml"), configmod.to_toml(cfg))
+    logger, threads = logging.getLogger("scalelab"), torch.get_num_threads()
+    handler = logging.FileHandler(run / "train.log")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.handlers, logger.propagate, logger.level
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    try:
+        summary = trainmod.train(copy.deepcopy(cfg), run, resume=True, progress=False)  # it fills in cfg's fields
+        path = report.run_report(run)
+        logger.info(f"val loss {summary['val_loss']:.4f} nats/token, {summary['val_bpb']:.4f} bits/byte; report: {path}")
+    except ScalelabError as e:
+        logger.error(f"error: {e}")
+        raise
+    except Exception as e:  # a bug, not a user's error: its traceback goes to train.log, as a process's would
+        logger.exception("training failed")
+        raise ScalelabError(f"training run {run} failed: {type(e).__name__}: {e} (see {run}/train.log)") from e
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+        handler.close()
+        torch.set_num_threads(threads)
+    done = finished(run, cfg.train.max_steps)
+    if done is None:
+        raise ScalelabError(f"training run {run} did not finish (see {run}/train.log)")
+    return done
 
 
 def _launch(cfg: configmod.Config, run: Path, one_thread: bool) -> tuple[subprocess.Popen, Any]:
