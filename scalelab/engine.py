@@ -202,7 +202,7 @@ class Engine:
         if reused:
             cache.load_prefix(k, v)
         x = torch.tensor([list(prompt[reused:])], device=self.device)
-        logits = self.model(x, cache=cache)[:, -1]
+        logits = self.model(x, cache=cache, head_slice=slice(-1, None))[:, -1]  # the head on the last position only
         self.prefix.put(prompt, *cache.prefix())
         return cache, logits, reused
 

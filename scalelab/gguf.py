@@ -319,8 +319,10 @@ def _blocks(t, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
     else:
         zero = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
     qs = b[..., size - 16:]  # element j of a block: low nibble of byte j (j < 16), high nibble of byte j - 16
-    q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k)
-    return q, d, zero
+    q = np.empty((n, k // 32, 32), dtype=np.uint8)  # written in place: no temporaries the size of the tensor
+    np.bitwise_and(qs, 15, out=q[..., :16])
+    np.right_shift(qs, 4, out=q[..., 16:])
+    return q.reshape(n, k), d, zero
 
 
 def _dequant_blocks(parts: list[torch.Tensor], dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:

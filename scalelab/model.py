@@ -158,11 +158,15 @@ class KVCache:
         T = k.shape[3]
         if T > self.length:
             raise ValueError(f"a prefix of {T} positions does not fit before position {self.length}")
-        for name, src in (("k", k), ("v", v)):
+        for name, src in (("k", k), ("v", v)):  # one new tensor each, filled in place (no rows-sized temporary)
             old = getattr(self, name)
-            rows = old.new_zeros((old.shape[0], n, *old.shape[2:]))
-            rows[:, :, :, self.length - T:self.length] = src
-            setattr(self, name, torch.cat([old, rows], dim=1))
+            b = old.shape[1]
+            new = old.new_zeros((old.shape[0], b + n, *old.shape[2:]))
+            if b:
+                new[:, :b] = old
+            new[:, b:, :, self.length - T:self.length] = src
+            setattr(self, name, new)
+            del old, new
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (scratch keys written by a forward that must not stay)."""
