@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="CLI/endpoint pairs per question, in ABBA order")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if min(a.n, a.repeats, a.clients, a.k, a.kv, a.k_tie) < 1:
+        ap.error("--n, --repeats, --clients, --k, --kv and --k-tie must be >= 1")
     root = Path(a.out or tempfile.mkdtemp(prefix="search-service-"))
     problems = tasks.arithmetic_problems(a.n, seed=0)
     opts = {"k": a.k, "kv": a.kv, "k_tie": a.k_tie, "max_tokens": a.max_tokens, "verify_max_tokens": a.max_tokens}

@@ -166,7 +166,6 @@ class KVCache:
                 new[:, :b] = old
             new[:, b:, :, self.length - T:self.length] = src
             setattr(self, name, new)
-            del old, new
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (scratch keys written by a forward that must not stay)."""

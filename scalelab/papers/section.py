@@ -187,6 +187,14 @@ def _procs(cfg: configmod.Config) -> int:
     return max(1, d.replicas) if d.strategy == "diloco" else 1
 
 
+def _write_recipe(cfg: configmod.Config, run: Path) -> Path:
+    """The run directory, and the run's resolved recipe beside it as `<run>.toml`."""
+    make_dir(run)
+    recipe = run.with_name(run.name + ".toml")
+    write_text(recipe, configmod.to_toml(cfg))
+    return recipe
+
+
 def _train_here(cfg: configmod.Config, run: Path) -> dict:
     """`scalelab train --recipe <run>.toml --out <run> --resume --quiet`, in this process: the same trainer and
     report, its log lines appended to `<run>/train.log` (not to the card's console), torch's thread count put
@@ -198,8 +206,7 @@ def _train_here(cfg: configmod.Config, run: Path) -> dict:
 
     from scalelab import report, train as trainmod
 
-    make_dir(run)
-    write_text(run.with_name(run.name + ".toml"), configmod.to_toml(cfg))
+    _write_recipe(cfg, run)
     logger, threads = logging.getLogger("scalelab"), torch.get_num_threads()
     handler = logging.FileHandler(run / "train.log")
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -232,9 +239,7 @@ def _launch(cfg: configmod.Config, run: Path, one_thread: bool) -> tuple[subproc
 
     if one_thread:
         cfg.train.threads = 1
-    make_dir(run)
-    recipe = run.with_name(run.name + ".toml")
-    write_text(recipe, configmod.to_toml(cfg))
+    recipe = _write_recipe(cfg, run)
     logf = open(run / "train.log", "a")
     env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {}))
     cmd = [sys.executable, "-m", "scalelab.cli"]
