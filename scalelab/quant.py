@@ -38,6 +38,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -54,8 +55,20 @@ GROUP = 32  # int4 inputs per (scale, zero) pair: a GGUF Q4_0 / Q4_1 / Q8_0 bloc
 # 1536×576 with one thread: the int8 dequantisation is one cheap pass, the int4 one unpacks nibbles).
 DENSE_ROWS = {"int8": 16, "int4": 128}
 TIED_ROWS = 4  # a tied head above this many rows multiplies by the bf16 embedding table it shares
-_BLOCK_N = 64  # torch's CPU int4 packing interleaves output channels in blocks of 64 (see `_unpack_int4`)
-_CHUNK = 64 * _BLOCK_N  # rows packed (and checked) at a time
+_CHUNK = 4096  # rows packed (and checked) at a time: whole channel blocks of either width
+
+
+@functools.cache
+def _block_n() -> int:
+    """The width of the channel blocks torch's CPU int4 packing interleaves (see `_unpack_int4`): 64 with
+    AVX-512, 32 with AVX2, read off a probe weight packed here; 0 when neither layout holds (another CPU)."""
+    probe = torch.randint(0, 16, (2 * 64 + 16, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2)
+    for block in (64, 32):
+        if packed.numel() * 2 == probe.numel() and torch.equal(_unpack_int4(packed, *probe.shape, block),
+                                                                probe.to(torch.uint8)):
+            return block
+    return 0
 
 
 def check_mode(mode: str) -> str:
@@ -69,17 +82,18 @@ def int4_fits(n: int, k: int) -> bool:
     return k % GROUP == 0 and n % 16 == 0 and n > 0
 
 
-def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def _unpack_int4(packed: torch.Tensor, n: int, k: int, block: int | None = None) -> torch.Tensor:
     """The (n, k) nibbles of a `_convert_weight_to_int4pack_for_cpu` result, uint8 in [0, 15].
 
-    The layout (torch 2.x): for each full block of 64 output channels and each input k, 32 bytes whose low
-    nibbles are channels 0..31 of the block and high nibbles channels 32..63; then the r = N mod 64 channels
-    left, for each k r/2 bytes, channel 2j in the low nibble of byte j and 2j + 1 in the high one. It is
-    torch-internal, so `QuantLinear.int4` checks it on the layer's own weight and, where it does not hold,
-    dequantises through the kernel instead (`QuantLinear.dequantize`)."""
-    full = n // _BLOCK_N * _BLOCK_N
+    The layout (torch 2.x, B = 64 with AVX-512, 32 with AVX2: `_block_n`): for each full block of B output
+    channels and each input k, B/2 bytes whose low nibbles are channels 0..B/2-1 of the block and high nibbles
+    the rest; then the r = N mod B channels left, for each k r/2 bytes, channel 2j in the low nibble of byte j
+    and 2j + 1 in the high one. It is torch-internal, so `QuantLinear.int4` checks it on the layer's own
+    weight and, where it does not hold, dequantises through the kernel instead (`QuantLinear.dequantize`)."""
+    block = block or _block_n() or 64
+    full = n // block * block
     flat = packed.reshape(-1)
-    p = flat[:full * k // 2].view(n // _BLOCK_N, k, _BLOCK_N // 2)
+    p = flat[:full * k // 2].view(n // block, k, block // 2)
     head = torch.cat([p & 15, p >> 4], dim=2).transpose(1, 2).reshape(full, k)
     if full == n:
         return head
@@ -126,7 +140,7 @@ class QuantLinear(nn.Module):
         def pack(x: torch.Tensor) -> torch.Tensor:
             return torch.ops.aten._convert_weight_to_int4pack_for_cpu(x, 2)
 
-        pieces = [(f, a) for f in planes for a in range(0, n, _CHUNK)] if n % _BLOCK_N == 0 else []
+        pieces = [(f, a) for f in planes for a in range(0, n, _CHUNK)] if _block_n() and n % _block_n() == 0 else []
         ok, packed = False, None
         if pieces:
             packed = torch.cat([pack(nibbles(f, q[a:a + _CHUNK])) for f, a in pieces])
