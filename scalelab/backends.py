@@ -22,12 +22,13 @@ Notable choices:
   total is shared evenly.
 - `openai.score` asks `/v1/completions` for the prompt+continuation echoed with logprobs and max_tokens 0
   (vLLM and `scalelab serve` support it); `openai.prob_yes` reads the top-20 logprobs of one greedy token.
-- The local backend serves one request at a time (`lock`). Two options exist for search, which calls it
+- The local backend serves one request at a time (`lock`). Its answers are read whole, so the engine decodes
+  a completion's text once at the end, not every row at every step (for a small model that decoding costs
+  more than the model), unless stop strings need the text. Two options exist for search, which calls it
   millions of times on small models: `truncate` keeps the last tokens of a prompt longer than the context
   (a degenerate candidate can make a verification conversation overflow a small model) instead of failing,
-  and `stop_as_ids` matches stop strings that are one token each as token ids, without decoding every row at
-  every step (for a small model that decoding costs more than the model; a longer token that merely contains
-  the stop string then does not stop).
+  and `stop_as_ids` matches stop strings that are one token each as token ids, so that they need no text
+  either (a longer token that merely contains the stop string then does not stop).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -159,9 +160,6 @@ class LocalBackend:
         self.model = net
         self.engine = Engine(net, decode=lambda ids: self.tokenizer.decode(ids), stop_ids=stops,
                              prefix_cache=prefix_cache)
-        # The same model without a decode callback, for stop ids (`stop_as_ids`); one prefix cache for both.
-        self.fast = Engine(net, stop_ids=stops, prefix_cache=prefix_cache)
-        self.fast.prefix = self.engine.prefix
         self.lock = threading.Lock()  # the engine serves one request at a time
 
     @property
@@ -200,24 +198,31 @@ class LocalBackend:
         room = self.context - reserve
         return ids if not self.truncate or len(ids) <= room else ids[-room:]
 
+    def engine_params(self, params: SamplingParams) -> SamplingParams:
+        """`params` as the engine runs a request whose text is only read at the end: no per-step text
+        (`detokenize=False`, the text decoded once), which needs stop strings matched as ids. Without stop
+        strings that is exact; with them only under `stop_as_ids`, and only when each is one token."""
+        if not params.stop:
+            return replace(params, detokenize=False)
+        ids = [self.tokens(s) for s in params.stop]
+        if not self.stop_as_ids or any(len(t) != 1 for t in ids):
+            return params
+        return replace(params, stop=(), stop_ids=[*params.stop_ids, *(t[0] for t in ids)], detokenize=False)
+
+    def response(self, g, params: SamplingParams, prompt_len: int) -> Response:
+        choices = [Choice(c.text, c.finish_reason, c.tokens, c.logprobs, len(c.tokens) + (c.finish_reason == "stop"))
+                   for c in g.completions]
+        return Response(choices, g.prompt_tokens, g.completion_tokens, g.cached_tokens, params.n * prompt_len,
+                        self.name)
+
     # ---- the protocol -------------------------------------------------------------------------------------
     def generate(self, prompt: Prompt, params: SamplingParams) -> Response:
         params.validate()
         ids = self._fit(self.prompt_ids(prompt), 1)
-        stop_ids = [self.tokens(s) for s in params.stop]
+        run = self.engine_params(params)
         with self.lock:
-            if self.stop_as_ids and all(len(t) == 1 for t in stop_ids):
-                fast = SamplingParams(**{**params.__dict__, "stop": (),
-                                         "stop_ids": [*params.stop_ids, *(t[0] for t in stop_ids)]})
-                g = self.fast.generate(ids, fast)
-                for c in g.completions:
-                    c.text = self.tokenizer.decode(c.tokens)
-            else:
-                g = self.engine.generate(ids, params)
-        choices = [Choice(c.text, c.finish_reason, c.tokens, c.logprobs, len(c.tokens) + (c.finish_reason == "stop"))
-                   for c in g.completions]
-        return Response(choices, g.prompt_tokens, g.completion_tokens, g.cached_tokens, params.n * len(ids),
-                        self.name)
+            g = self.engine.generate(ids, run)
+        return self.response(g, params, len(ids))
 
     def prob_yes(self, prompt: Prompt, yes: str, no: str) -> Response:
         cy, cn = self.tokens(yes), self.tokens(no)
@@ -246,18 +251,12 @@ class LocalBackend:
         reqs = []
         for prompt, params in requests:
             params.validate()
-            reqs.append((self._fit(self.prompt_ids(prompt), 1), params))
-        stop_tokens = [[self.tokens(s) for s in params.stop] for _, params in reqs]
-        fast = self.stop_as_ids and all(len(t) == 1 for st in stop_tokens for t in st)
-        engine = self.fast if fast else self.engine
-        if fast:
-            reqs = [(ids, SamplingParams(**{**params.__dict__, "stop": (),
-                                            "stop_ids": [*params.stop_ids, *(t[0] for t in st)]}))
-                    for (ids, params), st in zip(reqs, stop_tokens)]
+            reqs.append((self._fit(self.prompt_ids(prompt), 1), self.engine_params(params)))
+        engine = self.engine
         budget = engine.kv_budget(kv_mib)
         need = [engine.kv_positions(len(ids), p) for ids, p in reqs]
         out: list[Response | None] = [None] * len(reqs)
-        collectors = [Collector(p, engine._stops(p)) for _, p in reqs]
+        collectors = [Collector(p, engine._stops(p), engine.decode) for _, p in reqs]
         with self.lock:
             batch, live, nxt = Batch(engine), {}, 0
             while nxt < len(reqs) or live:
@@ -270,14 +269,7 @@ class LocalBackend:
                     if req.done:
                         del live[req]
                         ids, p = reqs[i]
-                        g = collectors[i].result(len(ids), req.cached)
-                        if fast:
-                            for c in g.completions:
-                                c.text = self.tokenizer.decode(c.tokens)
-                        out[i] = Response([Choice(c.text, c.finish_reason, c.tokens, c.logprobs,
-                                                  len(c.tokens) + (c.finish_reason == "stop")) for c in g.completions],
-                                          g.prompt_tokens, g.completion_tokens, g.cached_tokens, p.n * len(ids),
-                                          self.name)
+                        out[i] = self.response(collectors[i].result(len(ids), req.cached), p, len(ids))
         return out
 
     def stream_ids(self, ids: list[int], params: SamplingParams) -> Iterator:

@@ -60,6 +60,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     slide: bool = False  # past the context, go on from the last context/2 tokens (a sliding window)
+    detokenize: bool = True  # text deltas every step; False: tokens only, the text decoded once at the end
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -79,6 +80,7 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         need(all(isinstance(i, int) for i in self.stop_ids), "stop_ids must be integers")
         need(isinstance(self.slide, bool), "slide must be true or false")
+        need(self.detokenize or not self.stop, "stop strings need per-step text: detokenize must be true")
 
 
 @dataclass
@@ -227,7 +229,7 @@ class Engine:
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Generation:
         """All `params.n` completions of `prompt` (see `stream`)."""
-        c = Collector(params, self._stops(params))
+        c = Collector(params, self._stops(params), self.decode)
         for deltas in self.stream(prompt, params):
             c.add(deltas)
         return c.result(len(prompt), self.last_cached_tokens)
@@ -273,10 +275,12 @@ class Engine:
 
 
 class Collector:
-    """Gathers one request's deltas into its `Generation` (the non-streaming answer)."""
+    """Gathers one request's deltas into its `Generation` (the non-streaming answer). A request that ran
+    without per-step text (`detokenize=False`) gets each completion's text from `decode` at the end."""
 
-    def __init__(self, params: SamplingParams, stops: set[int]):
+    def __init__(self, params: SamplingParams, stops: set[int], decode: Callable[[list[int]], str] | None = None):
         self.stops = stops
+        self.decode = decode if not params.detokenize else None
         self.comps = [Completion(logprobs=[] if params.logprobs else None,
                                  top_logprobs=[] if params.top_logprobs else None) for _ in range(params.n)]
         self.used = 0
@@ -296,6 +300,9 @@ class Collector:
                 c.finish_reason = d.finish_reason
 
     def result(self, prompt_tokens: int, cached: int) -> Generation:
+        if self.decode is not None:
+            for c in self.comps:
+                c.text = self.decode(c.tokens)
         return Generation(self.comps, prompt_tokens=prompt_tokens, completion_tokens=self.used, cached_tokens=cached)
 
 
@@ -498,7 +505,7 @@ class Batch:
                 req.out[r].append(t)
             if finish is None and req.step == req.max_new - 1:
                 finish = "length"
-            if e.decode is not None:
+            if e.decode is not None and p.detokenize:
                 text = e.decode(req.out[r])
                 if t not in req.stops:
                     hits = [i for i in (text.find(s, max(0, req.shown[r] - len(s) + 1)) for s in p.stop) if i >= 0]

@@ -257,8 +257,9 @@ class ScheduledBackend:
         return ids if len(ids) <= room else ids[-room:]
 
     async def _decode(self, ids: list[int], params: SamplingParams):
+        params = self.local.engine_params(params)  # as the CLI's backend runs it: text decoded once, at the end
         job = self.sched.submit_decode(ids, params, bounded=False)  # a search's calls wait, never 429
-        c = Collector(params, self.local.engine._stops(params))
+        c = Collector(params, self.local.engine._stops(params), self.local.engine.decode)
         try:
             async for deltas in job.items():
                 c.add(deltas)
@@ -269,7 +270,7 @@ class ScheduledBackend:
     def generate_many(self, requests: list) -> list:
         from concurrent.futures import TimeoutError as Waiting
 
-        from scalelab.backends import BackendError, Choice, Response
+        from scalelab.backends import BackendError
 
         if self.loop is None:
             raise BackendError("the server's engine is not running")
@@ -295,9 +296,7 @@ class ScheduledBackend:
             if isinstance(g, BaseException):
                 out.append(g if isinstance(g, BackendError) else BackendError(str(g), status=400))
                 continue
-            out.append(Response([Choice(c.text, c.finish_reason, c.tokens, c.logprobs,
-                                        len(c.tokens) + (c.finish_reason == "stop")) for c in g.completions],
-                                g.prompt_tokens, g.completion_tokens, g.cached_tokens, p.n * len(ids), self.name))
+            out.append(self.local.response(g, p, len(ids)))
         return out
 
     def generate(self, prompt, params: SamplingParams):
@@ -429,7 +428,7 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
             if params is None:
                 return plps, None, {}
             stops = engine._stops(params)
-            c, ends = Collector(params, stops), {}
+            c, ends = Collector(params, stops, engine.decode), {}
             async for deltas in job(ids).items():
                 c.add(deltas)
                 ends.update((d.index, d.token) for d in deltas if d.token is not None and d.token in stops)
@@ -578,6 +577,7 @@ def create_app(backend: LocalBackend | None, limits: Limits | None = None, port:
                 job = sched.submit_decode(ids, params)
                 return JobStream(sse(job, ids, params, chat), job)
             jobs = []
+            params.detokenize = bool(params.stop)  # read whole: the text is decoded once, at the end
 
             def decode(ids):  # a batch's prompts share the continuous batch and wait in line as one request
                 jobs.append(sched.submit_decode(ids, params, bounded=not jobs))

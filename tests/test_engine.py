@@ -129,6 +129,24 @@ def test_stop_strings_streaming_and_accounting(model, tok):
     assert all(c.finish_reason == "stop" for c in s.completions)
 
 
+def test_text_decoded_once_equals_streamed_text(model, tok):
+    """detokenize=False (answers read whole) gives the same tokens, text and finish reasons as per-step text
+    deltas; with stop strings it is refused (they need the text)."""
+    eng = Engine(model, decode=tok.decode)
+    prompt = tok.encode("Paris is").ids
+    for temperature in (0.0, 1.0):
+        p = SamplingParams(n=4, max_tokens=25, temperature=temperature, seed=3)
+        streamed = eng.generate(prompt, p).completions
+        once = eng.generate(prompt, SamplingParams(**{**p.__dict__, "detokenize": False})).completions
+        assert [(c.tokens, c.text, c.finish_reason) for c in once] == \
+            [(c.tokens, c.text, c.finish_reason) for c in streamed]
+        assert all(c.text for c in once)
+    deltas = [d for ds in eng.stream(prompt, SamplingParams(max_tokens=5, detokenize=False)) for d in ds]
+    assert len(deltas) == 5 and all(d.text == "" for d in deltas)
+    with pytest.raises(ScalelabError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False).validate()
+
+
 def test_safe_text_end():
     assert _safe_text_end("hello wor", ["world"]) == 6
     assert _safe_text_end("hello", ["xyz"]) == 5
