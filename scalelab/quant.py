@@ -55,6 +55,13 @@ GROUP = 32  # int4 inputs per (scale, zero) pair: a GGUF Q4_0 / Q4_1 / Q8_0 bloc
 # 1536×576 with one thread: the int8 dequantisation is one cheap pass, the int4 one unpacks nibbles).
 DENSE_ROWS = {"int8": 16, "int4": 128}
 TIED_ROWS = 4  # a tied head above this many rows multiplies by the bf16 embedding table it shares
+# Dense bf16 matmuls are fast only where the CPU computes bf16 natively (AVX-512 BF16, AMX); elsewhere (AVX2)
+# they run ~7x slower than fp32: there the dense path dequantises to fp32 (crossover measured on an AVX2 EPYC,
+# 1536x576, one thread: int4 kernel 5.1 ms = fp32 dequant + matmul at 64 rows, 9.9 vs 6.7 ms at 128) and the
+# tied head stays on the kernel.
+NATIVE_BF16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or
+                   getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+DENSE_ROWS_FP32 = {"int8": 16, "int4": 64}
 _CHUNK = 4096  # rows packed (and checked) at a time: whole channel blocks of either width
 
 
@@ -222,10 +229,12 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.bfloat16 or not x2.is_contiguous():  # (decode calls this ~200 times a step)
             x2 = x2.to(torch.bfloat16).contiguous()
-        if self.tied is not None and x2.shape[0] > TIED_ROWS:
+        if self.tied is not None and x2.shape[0] > TIED_ROWS and NATIVE_BF16:
             y = F.linear(x2, self.tied)
-        elif x2.shape[0] > DENSE_ROWS[self.mode] and self.dense_ok:
+        elif NATIVE_BF16 and x2.shape[0] > DENSE_ROWS[self.mode] and self.dense_ok:
             y = F.linear(x2, self.dequantize())
+        elif not NATIVE_BF16 and x2.shape[0] > DENSE_ROWS_FP32[self.mode] and self.dense_ok:
+            y = F.linear(x2.float(), self.dequantize(torch.float32))
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
