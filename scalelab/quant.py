@@ -56,12 +56,12 @@ GROUP = 32  # int4 inputs per (scale, zero) pair: a GGUF Q4_0 / Q4_1 / Q8_0 bloc
 DENSE_ROWS = {"int8": 16, "int4": 128}
 TIED_ROWS = 4  # a tied head above this many rows multiplies by the bf16 embedding table it shares
 # Dense bf16 matmuls are fast only where the CPU computes bf16 natively (AVX-512 BF16, AMX); elsewhere (AVX2)
-# they run ~7x slower than fp32: there the dense path dequantises to fp32 (crossover measured on an AVX2 EPYC,
-# 1536x576, one thread: int4 kernel 5.1 ms = fp32 dequant + matmul at 64 rows, 9.9 vs 6.7 ms at 128) and the
-# tied head stays on the kernel.
+# they run ~7x slower than fp32: there the dense path dequantises to fp32 (measured on an AVX2 EPYC, 1536x576,
+# one thread: int4 kernel 9.9 ms, fp32 dequant + matmul 6.7 ms at 128 rows, equal at 64) and the tied head
+# stays on the kernel. The same row threshold on both keeps one rule for when a prefix-cached prefill (fewer
+# rows) and a full one take different kernels.
 NATIVE_BF16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or
                    getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-DENSE_ROWS_FP32 = {"int8": 16, "int4": 64}
 _CHUNK = 4096  # rows packed (and checked) at a time: whole channel blocks of either width
 
 
@@ -231,10 +231,8 @@ class QuantLinear(nn.Module):
             x2 = x2.to(torch.bfloat16).contiguous()
         if self.tied is not None and x2.shape[0] > TIED_ROWS and NATIVE_BF16:
             y = F.linear(x2, self.tied)
-        elif NATIVE_BF16 and x2.shape[0] > DENSE_ROWS[self.mode] and self.dense_ok:
-            y = F.linear(x2, self.dequantize())
-        elif not NATIVE_BF16 and x2.shape[0] > DENSE_ROWS_FP32[self.mode] and self.dense_ok:
-            y = F.linear(x2.float(), self.dequantize(torch.float32))
+        elif x2.shape[0] > DENSE_ROWS[self.mode] and self.dense_ok:
+            y = F.linear(x2, self.dequantize()) if NATIVE_BF16 else F.linear(x2.float(), self.dequantize(torch.float32))
         elif self.mode == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:

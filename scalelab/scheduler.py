@@ -44,8 +44,9 @@ class Job:
     """One request: its items arrive in `queue`, on the event loop of the coroutine that submitted it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any] | None = None,
-                 prompt: Sequence[int] = (), params: SamplingParams | None = None):
+                 prompt: Sequence[int] = (), params: SamplingParams | None = None, collector: Any = None):
         self.loop, self.call, self.prompt, self.params = loop, call, list(prompt), params
+        self.collector = collector  # set: the worker gathers the deltas itself and wakes the loop once, at the end
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.cached_tokens = 0  # prompt tokens found in the prefix cache (set on the worker at prefill)
@@ -99,16 +100,21 @@ class Scheduler:
         self.thread.start()
 
     # ---- the coroutine side --------------------------------------------------------------------------------
-    def submit_decode(self, prompt: Sequence[int], params: SamplingParams, bounded: bool = True) -> Job:
-        """Queue a decode request; its items are each step's deltas (lists of `engine.Delta`). `bounded=False`
-        (a served search's own calls) waits however long the line is instead of raising `Full`."""
+    def submit_decode(self, prompt: Sequence[int], params: SamplingParams, bounded: bool = True,
+                      collector: Any = None) -> Job:
+        """Queue a decode request; its items are each step's deltas (lists of `engine.Delta`), or none at all
+        when a `collector` (an `engine.Collector`) is given: the worker adds the deltas to it, so a request read
+        whole wakes the event loop once, when it ends, not every step (every wake-up takes a core from the
+        step's threads). `bounded=False` (a served search's own calls) waits however long the line is instead
+        of raising `Full`."""
         if params.n > self.max_rows:
             raise TooLarge(f"n = {params.n} is more than this server decodes at once ({self.max_rows})")
         need = self.engine.kv_positions(len(prompt), params)
         if need > self.kv_tokens:
             raise TooLarge(f"the request needs {need} KV positions (n × (prompt + max_tokens)) but this server "
                            f"has {self.kv_tokens}")
-        return self._enqueue(Job(asyncio.get_running_loop(), prompt=prompt, params=params), self.waiting, bounded)
+        return self._enqueue(Job(asyncio.get_running_loop(), prompt=prompt, params=params, collector=collector),
+                             self.waiting, bounded)
 
     def submit(self, call: Callable[[], Any]) -> Job:
         """Queue a one-shot call (run on the worker between steps); its one item is the call's result."""
@@ -224,7 +230,10 @@ class Scheduler:
                 job = self.jobs.get(req)
                 if job is None:
                     continue
-                job._put(deltas)
+                if job.collector is not None:
+                    job.collector.add(deltas)
+                else:
+                    job._put(deltas)
                 if req.done:
                     del self.jobs[req]
                     self._end(job)

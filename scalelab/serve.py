@@ -258,11 +258,11 @@ class ScheduledBackend:
 
     async def _decode(self, ids: list[int], params: SamplingParams):
         params = self.local.engine_params(params)  # as the CLI's backend runs it: text decoded once, at the end
-        job = self.sched.submit_decode(ids, params, bounded=False)  # a search's calls wait, never 429
         c = Collector(params, self.local.engine._stops(params), self.local.engine.decode)
+        job = self.sched.submit_decode(ids, params, bounded=False, collector=c)  # waits, never 429
         try:
-            async for deltas in job.items():
-                c.add(deltas)
+            async for _ in job.items():  # none: the worker fills `c`; this ends with the job (or raises)
+                pass
         finally:
             job.cancel()
         return c.result(len(ids), job.cached_tokens)
