@@ -32,6 +32,8 @@ Notable choices:
   about as much per row as at one row, so a call with more rows dequantises the weight to bfloat16 and runs
   one dense matmul instead (same weights, only the summation order differs). Decode of a few samples takes
   the kernels.
+- CPUs without native bf16 (`NATIVE_BF16` false: AVX2, no AVX-512 BF16 or AMX) run dense bf16 matmuls ~7x
+  slower than fp32, so there the many-row path dequantises to fp32 and the tied head stays on the kernel.
 - Output dtype = input dtype: with a bfloat16 model everything stays bfloat16; an fp32 input is rounded to
   bfloat16 for the kernel and its result returned as fp32.
 """
