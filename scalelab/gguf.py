@@ -31,6 +31,7 @@ import logging
 import math
 import mmap
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ import torch
 
 from scalelab.config import ModelConfig
 from scalelab.errors import ScalelabError
-from scalelab.model import Transformer
+from scalelab.model import Transformer, meta_model
 from scalelab.quant import QuantLinear, check_mode, finish_head, int4_fits
 
 log = logging.getLogger("scalelab")
@@ -107,31 +108,159 @@ def resolve(model: str) -> Path:
     return path
 
 
-def _open(path: Path):
-    import gguf
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file: `shape` fastest-first (GGUF's order), `data` a read-only view of the file's bytes
+    shaped as `gguf.GGUFReader` shapes it (float types as their values, quantised types as (rows, bytes per row)
+    uint8), so that `gguf.quants.dequantize(data, tensor_type)` reads it."""
 
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+class _Corrupt(Exception):
+    """A GGUF header that does not parse (`_open` words it as a `GGUFError`)."""
+
+
+class GGUFFile:
+    """The metadata and tensor index of a GGUF file (versions 2 and 3, little-endian), its tensors as views of a
+    read-only memory map.
+
+    `gguf.GGUFReader` keeps every part of every value as its own numpy view: for SmolLM2's 49k-token vocabulary,
+    its merges and token types that is ~250k arrays, 160 MB while the file is open and ~30 MB that the heap never
+    gives back (measured with VmRSS), the largest part of the engine's peak memory. This reader decodes each
+    value once into a plain Python value (`fields`: key → int | float | bool | str | list) and is otherwise the
+    same format reading: the type codes, block sizes and byte shapes come from the `gguf` package, which still
+    dequantises the tensors and writes files (`save_gguf`). Sizes are checked against the file before anything is
+    allocated, so a corrupt count fails with a `GGUFError`, not a huge allocation."""
+
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+              12: "<f8"}
+    STRING, ARRAY = 8, 9
+
+    def __init__(self, path: Path):
+        import gguf
+
+        with open(path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._buf, self._at = memoryview(self._mmap), 0
+        magic, version = self._unpack("<4sI")
+        if magic != b"GGUF":
+            raise _Corrupt("no GGUF magic bytes")
+        if version & 0xFFFF == 0:
+            raise GGUFError(f"{path} is a big-endian GGUF file; only little-endian files are supported")
+        if version not in (2, 3):
+            raise _Corrupt(f"GGUF version {version} (versions 2 and 3 are read)")
+        n_tensors, n_fields = self._unpack("<QQ")
+        self._fits(n_fields, 13, "metadata entries")  # key length (8) + 1 byte + type (4), at least
+        self.fields: dict[str, object] = {}
+        for _ in range(n_fields):
+            key = self._string("a metadata key")
+            (kind,) = self._unpack("<I")
+            if key in self.fields:
+                raise _Corrupt(f"metadata {key} appears twice")
+            self.fields[key] = self._value(kind, key)
+        self._fits(n_tensors, 24, "tensor entries")  # name length (8) + dims count (4) + type (4) + offset (8)
+        index = []
+        for _ in range(n_tensors):
+            name = self._string("a tensor name")
+            (n_dims,) = self._unpack("<I")
+            self._fits(n_dims, 8, f"dimensions of tensor {name}")
+            dims = self._unpack(f"<{n_dims}Q")
+            kind, offset = self._unpack("<IQ")
+            index.append((name, dims, kind, offset))
+        align = self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise _Corrupt(f"metadata general.alignment = {align!r} is not a power of two")
+        start = -(-self._at // align) * align
+        self.tensors: list[GGUFTensor] = []
+        names = set()
+        for name, dims, kind, offset in index:
+            if name in names:
+                raise _Corrupt(f"tensor {name} appears twice")
+            names.add(name)
+            try:
+                qtype = gguf.GGMLQuantizationType(kind)
+            except ValueError:
+                raise _Corrupt(f"tensor {name} has an unknown type {kind}") from None
+            shape = tuple(reversed(dims))
+            n = math.prod(dims)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            if not dims or dims[0] % block:
+                raise _Corrupt(f"tensor {name} of shape {shape} is not whole {qtype.name} blocks")
+            nbytes = n // block * size
+            at = start + offset
+            if at + nbytes > len(self._mmap):
+                raise _Corrupt(f"tensor {name} lies beyond the end of the file")
+            dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                     "I32": np.int32, "I64": np.int64}.get(qtype.name)
+            if dtype is None:
+                arr = np.frombuffer(self._mmap, np.uint8, nbytes, at).reshape(
+                    gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+            else:
+                arr = np.frombuffer(self._mmap, dtype, n, at).reshape(shape)
+            self.tensors.append(GGUFTensor(name, qtype, dims, arr))
+        self._buf.release()
+
+    def _fits(self, count: int, each: int, what: str) -> None:
+        if count * each > len(self._mmap) - self._at:
+            raise _Corrupt(f"the header claims {count} {what}, more than the file holds")
+
+    def _unpack(self, fmt: str) -> tuple:
+        try:
+            out = struct.unpack_from(fmt, self._buf, self._at)
+        except struct.error:
+            raise _Corrupt("the header ends early") from None
+        self._at += struct.calcsize(fmt)
+        return out
+
+    def _string(self, what: str) -> str:
+        (n,) = self._unpack("<Q")
+        self._fits(n, 1, f"bytes in {what}")
+        raw = bytes(self._buf[self._at:self._at + n])
+        self._at += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Corrupt(f"{what} is not UTF-8") from None
+
+    def _value(self, kind: int, key: str):
+        if kind in self._SCALARS:
+            return self._unpack(self._SCALARS[kind])[0]
+        if kind == self.STRING:
+            return self._string(f"metadata {key}")
+        if kind == self.ARRAY:
+            item, n = self._unpack("<IQ")
+            if item in self._NUMPY:  # one read for the whole array
+                dt = np.dtype(self._NUMPY[item])
+                self._fits(n, dt.itemsize, f"items in metadata {key}")
+                out = np.frombuffer(self._buf, dt, n, self._at).tolist()
+                self._at += n * dt.itemsize
+                return out
+            self._fits(n, 8 if item == self.STRING else 12, f"items in metadata {key}")
+            return [self._value(item, key) for _ in range(n)]
+        raise _Corrupt(f"metadata {key} has an unknown value type {kind}")
+
+
+def _open(path: Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"no such GGUF file: {path}")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        if f.read(4) != b"GGUF":
+            raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader fails in many ways on a truncated or corrupt file
-        raise GGUFError(f"{path} is corrupt or truncated: {type(e).__name__}: {e}") from None
-    return reader
+        return GGUFFile(path)
+    except _Corrupt as e:
+        raise GGUFError(f"{path} is corrupt or truncated: {e}") from None
 
 
 def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except Exception as e:
-        raise GGUFError(f"GGUF metadata {key} is unreadable: {e}") from None
+    v = reader.fields.get(key)
+    return default if v is None else v
 
 
 def _require(reader, key: str):
@@ -231,8 +360,8 @@ def read_config(reader) -> ModelConfig:
         raise GGUFError(f"GGUF metadata {p}vocab_size = {_field(reader, p + 'vocab_size')} but token_embd.weight "
                         f"has {vocab} rows")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is not None and len(tokens.data) > vocab:
-        raise GGUFError(f"GGUF metadata tokenizer.ggml.tokens has {len(tokens.data)} tokens but token_embd.weight "
+    if isinstance(tokens, list) and len(tokens) > vocab:
+        raise GGUFError(f"GGUF metadata tokenizer.ggml.tokens has {len(tokens)} tokens but token_embd.weight "
                         f"has only {vocab} rows")
     return ModelConfig(
         vocab_size=vocab,
@@ -343,8 +472,8 @@ def _dequant_blocks(parts: list[torch.Tensor], dtype: torch.dtype, chunk: int = 
 def _release(reader) -> None:
     """Drop the file's pages from this process once a tensor is copied out (they are re-read if touched), so
     that the load's peak memory holds one tensor of the file, not all of it."""
-    mm = getattr(getattr(reader, "data", None), "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+    mm = reader._mmap
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         mm.madvise(mmap.MADV_DONTNEED)
 
 
@@ -362,8 +491,7 @@ def read_weights(reader, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
             raise GGUFError(f"--quant int4 cannot keep {', '.join(bad)} tensors (it keeps Q4_0, Q4_1 and Q8_0 "
                             "blocks exactly and rounds float tensors): use --quant int8 or none for this file")
     names = _name_map(cfg.n_layer)
-    with torch.device("meta"):  # the shape of every parameter, allocating nothing
-        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}  # allocating nothing
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name not in names:
@@ -466,8 +594,7 @@ def read_tokenizer(reader):
 
 
 def _build_model(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
-    with torch.device("meta"):  # no random init of 100M+ parameters that are overwritten at once
-        model = Transformer(cfg)
+    model = meta_model(cfg)  # no random init of 100M+ parameters that are overwritten at once
     layers = {k: v for k, v in weights.items() if isinstance(v, QuantLinear)}  # --quant: whole modules
     weights = {k: v for k, v in weights.items() if k not in layers}
     if cfg.tie_embeddings:

@@ -307,6 +307,28 @@ class Transformer(nn.Module):
         return 6 * self.num_params(embeddings=False) + 6 * self.cfg.n_layer * seq_len * self.cfg.d_model
 
 
+class _NoRandomInit(torch.overrides.TorchFunctionMode):
+    """Skip random initialisers (`nn.init.normal_`, `Tensor.uniform_`, ...): they return their tensor untouched.
+    A torch-function mode is thread-local, unlike patching `torch.nn.init`, so no other thread's init is skipped."""
+
+    NAMES = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                       "xavier_uniform_", "xavier_normal_", "orthogonal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.NAMES:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """`Transformer(cfg)` on the meta device, allocating nothing and running no random init, for loaders that
+    assign every weight. (A random init of a meta tensor goes through torch._refs, whose first call imports
+    torch._dynamo, sympy and ~870 other modules: for the GGUF loader that was ~60 MB of its resident memory.)"""
+    with torch.device("meta"), _NoRandomInit():
+        return Transformer(cfg)
+
+
 def param_count(cfg: ModelConfig) -> int:
     """The parameters `Transformer(cfg)` would have, allocating nothing: the matrices from their shapes, the
     norms built on the meta device (a random init on meta would import half of torch)."""
@@ -420,25 +442,31 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """
     if temperature <= 0:
         return logits.argmax(-1)
-    per_row = isinstance(generator, (list, tuple))
     p = _filter(logits, temperature, top_k)
-    if per_row:
-        p = p.double()
+    if isinstance(generator, (list, tuple)):  # a row at a time: float64 work of one row, not (B, V)
+        return torch.stack([_draw(p[i].double(), top_p, lambda g=generator[i]: torch.rand(
+            (), generator=g, dtype=torch.float64).to(p.device)) for i in range(p.size(0))])
     cdf = p.cumsum(-1)
     out = torch.empty(p.size(0), dtype=torch.long, device=p.device)
     rows = torch.arange(p.size(0), device=p.device)
     while rows.numel():
-        if per_row:
-            u = torch.stack([torch.rand((), generator=generator[i], dtype=torch.float64) for i in rows.tolist()])
-            u = u.to(p.device)[:, None] * cdf[rows, -1:]
-        else:
-            u = torch.rand(rows.numel(), 1, generator=generator, device=p.device) * cdf[rows, -1:]
-        j = torch.searchsorted(cdf[rows], u).clamp_(max=p.size(-1) - 1)  # (n, 1)
+        every = rows.numel() == p.size(0)  # (the first pass: no (rows, V) copies of cdf and p)
+        c, pr = (cdf, p) if every else (cdf[rows], p[rows])
+        u = torch.rand(rows.numel(), 1, generator=generator, device=p.device) * c[:, -1:]
+        j = torch.searchsorted(c, u).clamp_(max=p.size(-1) - 1)  # (n, 1)
         if top_p >= 1.0:
             out[rows] = j.squeeze(-1)
             break
-        pr = p[rows]
-        ok = (pr * (pr > pr.gather(-1, j))).sum(-1) <= top_p
+        ok = torch.where(pr > pr.gather(-1, j), pr, 0).sum(-1) <= top_p
         out[rows[ok]] = j.squeeze(-1)[ok]
         rows = rows[~ok]
     return out
+
+
+def _draw(p: torch.Tensor, top_p: float, rand) -> torch.Tensor:
+    """One id from one row's distribution p (V,), drawing u = rand() until the draw is in the nucleus."""
+    cdf = p.cumsum(-1)
+    while True:
+        j = torch.searchsorted(cdf, rand()[None] * cdf[-1:]).clamp_(max=p.numel() - 1)[0]
+        if top_p >= 1.0 or torch.where(p > p[j], p, 0).sum() <= top_p:
+            return j

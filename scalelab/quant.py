@@ -151,14 +151,18 @@ class QuantLinear(nn.Module):
 
         pieces = [(f, a) for f in planes for a in range(0, n, _CHUNK)] if _block_n() and n % _block_n() == 0 else []
         ok, packed = False, None
-        if pieces:
-            packed = torch.cat([pack(nibbles(f, q[a:a + _CHUNK])) for f, a in pieces])
-            flat, at, ok = packed.reshape(-1), 0, packed.numel() * 2 == len(planes) * n * k
+        if pieces:  # packed and checked piece by piece into one buffer: no list of pieces beside their copy
+            packed = torch.empty(len(planes) * n, k // 2, dtype=torch.uint8)  # the op's (N, K/2) layout
+            flat, at, ok = packed.view(-1), 0, True
             for f, a in pieces:
                 rows = min(n, a + _CHUNK) - a
-                ok = ok and torch.equal(_unpack_int4(flat[at:at + rows * k // 2], rows, k),
-                                        nibbles(f, q[a:a + rows]).to(torch.uint8))
-                at += rows * k // 2
+                x = nibbles(f, q[a:a + rows])
+                p = pack(x).reshape(-1)
+                ok = p.numel() == rows * k // 2 and torch.equal(_unpack_int4(p, rows, k), x.to(torch.uint8))
+                if not ok:
+                    break
+                flat[at:at + p.numel()] = p
+                at += p.numel()
         if not ok:  # one piece (rows not in whole blocks, or a layout other than the assumed one)
             whole = torch.cat([nibbles(f, q) for f in planes])
             packed = pack(whole)

