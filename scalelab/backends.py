@@ -160,7 +160,8 @@ class LocalBackend:
         self.model = net
         self.engine = Engine(net, decode=lambda ids: self.tokenizer.decode(ids), stop_ids=stops,
                              prefix_cache=prefix_cache)
-        self.lock = threading.Lock()  # the engine serves one request at a time
+        self.lock = threading.RLock()  # the engine serves one request at a time (re-entered by a server's
+        # scheduler, which holds it around each call it runs)
 
     @property
     def context(self) -> int:

