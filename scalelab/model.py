@@ -444,8 +444,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         return logits.argmax(-1)
     p = _filter(logits, temperature, top_k)
     if isinstance(generator, (list, tuple)):  # a row at a time: float64 work of one row, not (B, V)
-        return torch.stack([_draw(p[i].double(), top_p, lambda g=generator[i]: torch.rand(
-            (), generator=g, dtype=torch.float64).to(p.device)) for i in range(p.size(0))])
+        return torch.stack([_draw(p[i].double(), top_p, g) for i, g in enumerate(generator)])
     cdf = p.cumsum(-1)
     out = torch.empty(p.size(0), dtype=torch.long, device=p.device)
     rows = torch.arange(p.size(0), device=p.device)
@@ -463,10 +462,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return out
 
 
-def _draw(p: torch.Tensor, top_p: float, rand) -> torch.Tensor:
-    """One id from one row's distribution p (V,), drawing u = rand() until the draw is in the nucleus."""
+def _draw(p: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One id from one row's distribution p (V,), drawing u from `generator` until the draw is in the nucleus."""
     cdf = p.cumsum(-1)
     while True:
-        j = torch.searchsorted(cdf, rand()[None] * cdf[-1:]).clamp_(max=p.numel() - 1)[0]
+        u = torch.rand((), generator=generator, dtype=torch.float64).to(p.device)
+        j = torch.searchsorted(cdf, u[None] * cdf[-1:]).clamp_(max=p.numel() - 1)[0]
         if top_p >= 1.0 or torch.where(p > p[j], p, 0).sum() <= top_p:
             return j

@@ -294,8 +294,8 @@ class ScheduledBackend:
         return r
 
     def _wait(self, make):
-        """Run the coroutine `make()` on the server's loop and wait for it here (a search thread), giving up when the request's
-        client has gone (its jobs then leave the batch before the next step)."""
+        """Run the coroutine `make()` on the server's loop and wait for it here (a search thread), giving up
+        when the request's client has gone (its jobs then leave the batch before the next step)."""
         from concurrent.futures import TimeoutError as Waiting
 
         from scalelab.backends import BackendError
@@ -315,7 +315,11 @@ class ScheduledBackend:
         """A one-shot engine call, run by the scheduler's worker between batch steps: every forward of the
         server runs on that one thread (a second thread computing would start a second OpenMP team)."""
         async def run():
-            return await self.sched.submit(call).result()
+            job = self.sched.submit(call)
+            try:
+                return await job.result()
+            finally:
+                job.cancel()  # a client gone before the call ran: the worker skips it
         return self._wait(run)
 
     def prob_yes(self, prompt, yes: str, no: str):
