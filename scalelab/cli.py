@@ -458,6 +458,8 @@ def reproduce(
                                                            "train-sudoku` in the sss section")] = None,
     parallel: Annotated[int, typer.Option(help="training processes at once (1 is fastest for the tiny recipe "
                                                "on 2 cores; more on a bigger machine)")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: every run trains on one GPU, and full mode takes each "
+                                             "section's GPU sizes (README: Reproductions)")] = "cpu",
 ) -> None:
     """Run each paper's small experiment, compare with its claim, and write one report card."""
     from scalelab import papers as papersmod
@@ -469,7 +471,7 @@ def reproduce(
         raise ScalelabError("--parallel must be >= 1")
     if sss_model is not None and not (sss_model / "rounds.json").is_file():  # fail before any work starts
         raise ScalelabError(f"--sss-model {sss_model} is not a trained Sudoku model directory (no rounds.json)")
-    opts = papersmod.Options(shared=shared, sss_model=sss_model, parallel=parallel)
+    opts = papersmod.Options(shared=shared, sss_model=sss_model, parallel=parallel, device=device)
     path = papersmod.reproduce(papers or list(papersmod.PAPERS), out, quick=quick, opts=opts)
     typer.echo(f"report card: {path}")
 

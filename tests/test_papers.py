@@ -56,3 +56,55 @@ def test_runs_in_this_process_equal_a_fresh_process(corpus_dir, cache_dir, tmp_p
     assert torch.get_num_threads() == threads and config.to_toml(jobs[1][0]) == before
     log = (tmp_path / "here" / "b" / "train.log").read_text()
     assert "val loss" in log and (tmp_path / "here" / "b" / "report.md").is_file()
+
+
+# ------------------------------------------------------------------------------------ --device cuda sizing
+def test_gpu_sizes_scale_every_training_section_up_and_keep_quick_mode():
+    """`--device cuda` in full mode: every section's runs go to the GPU at larger sizes that still satisfy the
+    protocol (≥ 300 DiLoCo outer steps, the paper's H); quick mode keeps its sizes and only moves the runs;
+    the CPU card pins its runs to the CPU (train.device "auto" would take a GPU when one is there)."""
+    from scalelab.papers import bd3lm, diloco, dyt
+    from scalelab.papers.sudoku_model import SVConfig, trainer_config
+    from scalelab.scaling import param_count
+    from pathlib import Path
+
+    def params(c):
+        c.model.vocab_size = c.data.vocab_size
+        return param_count(c)
+
+    cpu, gpu, qgpu = (dyt.dyt_config("dyt", 0, q, device=d) for q, d in ((False, "cpu"), (False, "cuda"), (True, "cuda")))
+    assert (cpu.train.device, gpu.train.device, qgpu.train.device) == ("cpu", "cuda", "cuda")
+    assert gpu.model.d_model == 512 and params(gpu) > 10 * params(cpu)
+    assert gpu.train.max_steps * gpu.train.batch_size * gpu.model.context > 20 * (
+        cpu.train.max_steps * cpu.train.batch_size * cpu.model.context)
+    assert (qgpu.model.d_model, qgpu.train.max_steps) == (dyt.dyt_config("dyt", 0, True).model.d_model, 100)
+
+    z = diloco.sizes(False, "cuda")
+    assert z["H"] == 30 and z["steps"] // z["H"] >= 300 and z["steps"] % z["H"] == 0
+    m4 = diloco.diloco_config("diloco", 4, 0, False, 1e-3, 0.6, device="cuda")
+    # one GPU holds all four replicas: every rank on cuda:0, gloo (NCCL refuses two ranks on one device)
+    assert (m4.train.device, m4.distributed.backend, m4.distributed.replicas) == ("cuda:0", "gloo", 4)
+    assert m4.train.batch_size % 4 == 0 and m4.model.d_model == 256
+    assert diloco.diloco_config("ddp", 1, 0, False, 1e-3).train.device == "cpu"
+    assert diloco.sizes(True, "cuda") == diloco.sizes(True)
+
+    b_cpu, b_gpu = bd3lm.bd3_config("l4", 4, False), bd3lm.bd3_config("l4", 4, False, device="cuda")
+    assert b_gpu.model.context == 256 and params(b_gpu) > 5 * params(b_cpu)
+    assert bd3lm.bd3_config("mdlm", 256, False, device="cuda").diffusion.clip_search is False  # MDLM: plain schedule
+    assert bd3lm.bd3_config("x", 4, True, device="cuda").model.context == 64
+
+    sv = trainer_config(SVConfig(), Path("c.txt"), Path("cache"), 10, "x", device="cuda")
+    assert sv.train.device == "cuda" and trainer_config(SVConfig(), Path("c.txt"), Path("cache"), 10, "x").train.device == "cpu"
+
+
+def test_reproduce_device_errors_are_one_line(tmp_path):
+    import torch
+
+    from tests.conftest import run_cli
+
+    p = run_cli("reproduce", "horizon", "--device", "tpu", "--out", str(tmp_path / "a"))
+    assert p.returncode == 2 and "--device must be cpu or cuda" in p.stderr and "Traceback" not in p.stderr
+    if not torch.cuda.is_available():
+        p = run_cli("reproduce", "dyt", "--device", "cuda", "--out", str(tmp_path / "b"))
+        assert p.returncode == 2 and "sees no CUDA device" in p.stderr and "Traceback" not in p.stderr
+        assert not (tmp_path / "b").exists()  # refused before anything was written

@@ -30,36 +30,46 @@ __all__ = ["PAPERS", "Options", "Section", "reproduce"]
 
 def reproduce(papers: list[str], out: Path, quick: bool = False, opts: Options | None = None,
               progress: bool = True) -> Path:
-    """Run the named sections and write `out/report.md` and `out/verdicts.json`; return the report's path."""
+    """Run the named sections and write `out/report.md` and `out/verdicts.json`; return the report's path.
+    Each section's runs go under `out/<paper>[-quick][-cuda]/`, so a card of another size never reuses them."""
     unknown = [p for p in papers if p not in PAPERS]
     if unknown:
         raise ScalelabError(f"unknown paper {unknown[0]!r} (choose from {', '.join(PAPERS)})")
-    out = make_dir(Path(out))
     opts = opts or Options()
+    if opts.device not in ("cpu", "cuda"):
+        raise ScalelabError(f"--device must be cpu or cuda, got {opts.device!r}")
+    if opts.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ScalelabError("--device cuda, but this torch sees no CUDA device (install a CUDA build of torch)")
+    out = make_dir(Path(out))
     sections = []
     with CardProgress(enabled=progress) as bar:
         opts.progress = bar
         for p in papers:
-            sub = make_dir(out / (f"{p}-quick" if quick and p != "horizon" else p))
+            suffix = ("-quick" if quick else "") + ("-cuda" if opts.device == "cuda" else "")
+            sub = make_dir(out / (p + suffix if p != "horizon" else p))
             bar.section(p, 1)
             s = importlib.import_module(PAPERS[p]).run(sub, quick, opts)
             s.body = s.body.replace("](horizon/", f"]({sub.name}/")
             s.images = [f"{sub.name}/{img}" for img in s.images]
             sections.append(s)
     write_verdicts(out / "verdicts.json", [v for s in sections for v in s.verdicts()])
-    return write_card(out / "report.md", sections, papers, quick)
+    return write_card(out / "report.md", sections, papers, quick, opts.device)
 
 
 def _regime(d: dict) -> str:
     return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in d.items()) or "—"
 
 
-def write_card(path: Path, sections: list[Section], papers: list[str], quick: bool) -> Path:
+def write_card(path: Path, sections: list[Section], papers: list[str], quick: bool, device: str = "cpu") -> Path:
     lines = ["# scalelab report card", "",
              f"{'Quick' if quick else 'Full'} reproductions (`scalelab reproduce {' '.join(papers)}"
-             f"{' --quick' if quick else ''}`). Each section states the paper's claim, the threshold it is judged "
-             "by (fixed before measuring), the regime it tests beside the paper's, what this run measured, and a "
-             "verdict: holds, does not hold, inconclusive (the interval straddles the threshold), or did not "
+             f"{' --quick' if quick else ''}{' --device cuda' if device == 'cuda' else ''}`). Each section states "
+             "the paper's claim, the threshold it is judged by (fixed before measuring), the regime it tests "
+             "beside the paper's, what this run measured, and a verdict: holds, does not hold, inconclusive (the "
+             "interval straddles the threshold), or did not "
              "train (an arm never left the unigram baseline: no gap is computed from it). Machine-readable: "
              "[verdicts.json](verdicts.json).", "",
              "| paper | claim | threshold | measured | verdict |", "|---|---|---|---|---|"]

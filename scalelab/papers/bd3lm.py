@@ -36,17 +36,31 @@ from scalelab.report import figure, savefig, write_text
 log = logging.getLogger("scalelab")
 
 
-def bd3_config(name: str, block: int, quick: bool, steps: int | None = None) -> configmod.Config:
-    """The bd3-l4 recipe at this section's size; `block` 0 = AR, = context is MDLM."""
+# Full mode on one GPU (`--device cuda`): context 256, 6 layers at d = 384 (11M parameters), 3,000 steps of 32
+# sequences (25M tokens a run, 2.7 epochs of the stdlib corpus); evaluation and sampling run on the GPU too.
+# Not yet run on a GPU. The paper: context 1,024, 110M parameters, OpenWebText.
+GPU_SIZES = {"context": 256, "d_model": 384, "n_layer": 6, "n_head": 6, "batch": 32, "steps": 3000}
+
+
+def bd3_config(name: str, block: int, quick: bool, steps: int | None = None, device: str = "cpu") -> configmod.Config:
+    """The bd3-l4 recipe at this section's size; `block` 0 = AR, = context is MDLM. device "cuda": the run
+    trains on the GPU, and full mode takes `GPU_SIZES`."""
     cfg = configmod.load("bd3-l4")
     cfg.name = name
+    cfg.train.device = device
+    gpu = device == "cuda" and not quick
+    if gpu:
+        z = GPU_SIZES
+        cfg.model.context, cfg.model.d_model, cfg.model.n_layer, cfg.model.n_head = (
+            z["context"], z["d_model"], z["n_layer"], z["n_head"])
+        cfg.train.batch_size = z["batch"]
     if quick:
         # a 1,024-token vocabulary: at d = 64 the 4,096-row head was most of a step, and at 240 steps with it
         # L′=16 and MDLM ended at the unigram level (6.42 / 6.52 against 6.47: did not train); at 1,024 and
         # 480 steps (about 1.5× the time) MDLM ends 0.19 nats below its unigram level
         cfg.model.context, cfg.model.d_model, cfg.model.n_layer = 64, 64, 2
         cfg.data.vocab_size = 1024
-    n = steps if steps is not None else (480 if quick else 1500)
+    n = steps if steps is not None else (480 if quick else GPU_SIZES["steps"] if gpu else 1500)
     t = cfg.train
     t.max_steps = n
     t.warmup_steps = min(n // 10, 100)
@@ -67,8 +81,15 @@ def _val_batches(cfg: configmod.Config, n: int) -> list:
     return datamod.eval_batches(prepared.tokens("val"), cfg.model.context, cfg.train.batch_size, n)
 
 
-def _load(run: Path) -> tuple[configmod.Config, Transformer]:
-    return load_run(run)
+def _load(run: Path, device: str = "cpu") -> tuple[configmod.Config, Transformer]:
+    cfg, model = load_run(run)
+    return cfg, model.to(device)
+
+
+def _sync(model: Transformer) -> None:
+    """Wait for queued GPU work, so that a wall-clock time measures it."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -76,7 +97,7 @@ def sample_rows(model: Transformer, block: int, n: int, length: int, steps: int,
                 stop: bool = True, top_p: float = 0.9) -> torch.Tensor:
     """n samples of `length` new tokens from an end-of-text start; block 0 = AR sampling. -> (n, 1 + length)."""
     if block:
-        prompt = torch.full((n, 1), eot, dtype=torch.long)
+        prompt = torch.full((n, 1), eot, dtype=torch.long)  # bd3_generate moves it to the model's device
         return bd.bd3_generate(model, prompt, length, block, steps, temperature=1.0, top_p=top_p, seed=seed,
                                stop_id=eot if stop else None)
     # AR through the engine, sliding past the context like BD3's window; a stopped row is padded with EOT
@@ -100,15 +121,18 @@ def forward_ceiling(model: Transformer, block: int, n: int, reps: int) -> float:
     2L′ (the finished block entering the cache) -> L′·t(1) / (3·t(L′) + t(2L′)), cached forwards, median."""
     cost = {}
     for T in (1, block, 2 * block):
-        cache = KVCache(model.cfg, n, model.cfg.context, device="cpu")
+        dev = next(model.parameters()).device
+        cache = KVCache(model.cfg, n, model.cfg.context, device=dev)
         past = max(0, min(model.cfg.context // 2, model.cfg.context - 2 * block))  # a mid-window past
         cache.truncate(past)
-        idx = torch.zeros(n, T, dtype=torch.long)
-        mask = torch.ones(T, past + T, dtype=torch.bool)
+        idx = torch.zeros(n, T, dtype=torch.long, device=dev)
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=dev)
         times = []
         for _ in range(reps):
+            _sync(model)
             t0 = time.perf_counter()
             model(idx, mask=mask, cache=cache, head_slice=slice(0, 1 if T == 1 else 4))
+            _sync(model)
             times.append(time.perf_counter() - t0)
             cache.truncate(past)
         cost[T] = statistics.median(times)
@@ -133,8 +157,10 @@ def sampling_frontier(ar: Transformer, l16: Transformer, block: int, ns: tuple[i
         times: dict[str, list[float]] = {c[0]: [] for c in configs}
         for r in range(reps):
             for name, model, b, T in configs:
+                _sync(model)
                 t0 = time.perf_counter()
                 sample_rows(model, b, n, length, T, 1 + r, eot, stop=False, top_p=top_p)
+                _sync(model)
                 times[name].append(time.perf_counter() - t0)
         base = statistics.median(times["AR"])
         ceiling = forward_ceiling(l16, block, n, max(5, 4 * reps))
@@ -149,20 +175,22 @@ def sampling_frontier(ar: Transformer, l16: Transformer, block: int, ns: tuple[i
 SEEDS_QUICK, SEEDS_FULL = (0, 1), (0, 1, 2)  # offsets from the recipe's seed
 
 
-def run_bd3lm(out: Path, quick: bool) -> dict:
-    """Train (or resume) every run, measure, plot; return the numbers and the Markdown body."""
+def run_bd3lm(out: Path, quick: bool, device: str = "cpu") -> dict:
+    """Train (or resume) every run, measure, plot; return the numbers and the Markdown body. device "cuda":
+    training, evaluation and sampling on the GPU."""
+    dev = "cuda" if device == "cuda" else "cpu"
     from scalelab import tokenizer as tokmod
     from scalelab.train import train
 
-    ctx = bd3_config("x", 0, quick).model.context
+    ctx = bd3_config("x", 0, quick, device=device).model.context
     blocks = [4, 16] + ([] if quick else [8])
     plan = [("ar", 0, None)] + [(f"l{b}", b, None) for b in sorted(blocks)] + [("mdlm", ctx, None)]
-    n = bd3_config("x", 0, quick).train.max_steps
+    n = bd3_config("x", 0, quick, device=device).train.max_steps
     pre_steps = 3 * n // 4
     plan += [("ft-pretrain-mdlm", ctx, pre_steps), ("ft-l4", 4, n - pre_steps)]
     summaries = {}
     for name, block, steps in plan:
-        cfg = bd3_config(name, block, quick, steps)
+        cfg = bd3_config(name, block, quick, steps, device)
         if name == "ft-l4":
             cfg.diffusion.init_from = str(out / "ft-pretrain-mdlm")
             cfg.train.warmup_steps = max(1, cfg.train.warmup_steps // 4)
@@ -176,15 +204,15 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
     seeds = SEEDS_QUICK if quick else SEEDS_FULL
     for s in seeds[1:]:
         for name in order:
-            cfg = bd3_config(f"{name}-s{s}", blocks_of[name], quick)
+            cfg = bd3_config(f"{name}-s{s}", blocks_of[name], quick, device=device)
             cfg.train.seed += s
             log.info(f"BD3-LM reproduction: {cfg.name} ({cfg.train.max_steps} steps, seed {cfg.train.seed})")
             train(cfg, out / cfg.name, resume=True, progress=True)
 
-    ref = bd3_config("ar", 0, quick)
+    ref = bd3_config("ar", 0, quick, device=device)
     reps = 3 if quick else 6
     val = _val_batches(ref, ref.train.eval_batches * 2)
-    _, ar = _load(out / "ar")
+    _, ar = _load(out / "ar", dev)
     res: dict = {"ar": {"nll": bd.ar_nll(ar, val), "se": 0.0}}
 
     def nelbos(m: Transformer, block: int) -> list[float]:  # one per noise draw, on the same windows
@@ -194,7 +222,7 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
     for name, block, _ in plan[1:]:
         if name == "ft-pretrain-mdlm":
             continue
-        cfg, m = _load(out / name)
+        cfg, m = _load(out / name, dev)
         vals = nelbos(m, block)
         res[name] = {"nll": statistics.fmean(vals), "se": statistics.stdev(vals) / math.sqrt(reps), "block": block}
         state = json.loads((sorted((out / name / "checkpoints").glob("step_*"))[-1] / "state.json").read_text())
@@ -203,7 +231,7 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
     seed_nll = {name: [res[name]["nll"]] for name in order}  # per seed, seed 0 first
     for s in seeds[1:]:
         for name in order:
-            m = _load(out / f"{name}-s{s}")[1]
+            m = _load(out / f"{name}-s{s}", dev)[1]
             seed_nll[name].append(bd.ar_nll(m, val) if name == "ar" else statistics.fmean(nelbos(m, blocks_of[name])))
 
     tok = tokmod.load(out / "ar" / "tokenizer.json")
@@ -214,15 +242,15 @@ def run_bd3lm(out: Path, quick: bool) -> dict:
     for name, block, _ in plan:
         if name == "ft-pretrain-mdlm":
             continue
-        m = ar if name == "ar" else _load(out / name)[1]
+        m = ar if name == "ar" else _load(out / name, dev)[1]
         rows = sample_rows(m, block, n_samples, length, 0, 0, eot)
         gen[name] = bd.generative_ppl(ar, _truncate(rows, eot), eot)
     write_text(out / "samples.txt", "\n\n".join(
-        f"--- {name} ---\n" + tok.decode(_truncate(sample_rows(ar if name == "ar" else _load(out / name)[1],
+        f"--- {name} ---\n" + tok.decode(_truncate(sample_rows(ar if name == "ar" else _load(out / name, dev)[1],
                                                                block, 1, length, 0, 0, eot), eot)[0][1:])
         for name, block, _ in plan if name != "ft-pretrain-mdlm"))
 
-    _, l16 = _load(out / "l16")
+    _, l16 = _load(out / "l16", dev)
     frontier = sampling_frontier(ar, l16, 16, (1, n_samples), 4 * ctx if not quick else 2 * ctx,
                                  3 if quick else 5, eot, ar)
     ppl = {k: math.exp(v["nll"]) for k, v in res.items()}
@@ -359,7 +387,7 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     from scalelab.scaling import param_count
 
     (opts or Options()).tick(section="bd3lm", runs=1)
-    r = run_bd3lm(out, quick)
+    r = run_bd3lm(out, quick, (opts or Options()).device)
     measured, body = report_body(r)
     cfg = r["cfg"]
     unigram = unigram_baseline(cfg)

@@ -45,16 +45,24 @@ SPEEDUP_TARGET = 5.0  # DiLoCo M=4 to DDP's loss ≥ 5× sooner at 1 Gbit/s
 PAPER_REGIME = {"params": "35M-10B", "tokens": "20 tokens/param (Chinchilla)", "H": 30, "outer steps": "hundreds+"}
 
 
-def sizes(quick: bool) -> dict:
+def sizes(quick: bool, device: str = "cpu") -> dict:
     """A model and per-replica batch where DDP trains well within the budget. H = 10: at a CPU budget of ~1-3k
     steps it is the only H of the paper's {10, 30} that gives ≥ 100 (quick) / ≥ 300 (full) outer steps. A
-    1,024-token vocabulary: at d = 64 the tied 4,096-row output head was ~70% of a step's FLOPs."""
+    1,024-token vocabulary: at d = 64 the tied 4,096-row output head was ~70% of a step's FLOPs.
+
+    Full mode on one GPU (`--device cuda`): the paper's H = 30 over 9,000 steps (300 outer steps), 4 layers at
+    d = 256 with the 4,096-token vocabulary, 32 × 128 tokens a step (37M tokens a run, 4 epochs of the stdlib
+    corpus). Not yet run on a GPU."""
+    if device == "cuda" and not quick:
+        return {"H": 30, "steps": 9000, "d_model": 256, "n_layer": 4, "context": 128, "batch": 32, "vocab": 4096,
+                "seeds": (0, 1, 2)}
     return {"H": 10, "steps": 1000 if quick else 3000, "d_model": 64, "n_layer": 2, "context": 64, "batch": 16,
             "vocab": 1024, "seeds": (0, 1) if quick else (0, 1, 2)}
 
 
-def diloco_config(strategy: str, M: int, seed: int, quick: bool, lr: float, outer_lr: float = 0.7) -> configmod.Config:
-    z = sizes(quick)
+def diloco_config(strategy: str, M: int, seed: int, quick: bool, lr: float, outer_lr: float = 0.7,
+                  device: str = "cpu") -> configmod.Config:
+    z = sizes(quick, device)
     cfg = configmod.load("tiny")
     m, t, d = cfg.model, cfg.train, cfg.distributed
     m.d_model, m.n_layer, m.context = z["d_model"], z["n_layer"], z["context"]
@@ -67,6 +75,10 @@ def diloco_config(strategy: str, M: int, seed: int, quick: bool, lr: float, oute
     # changes float reduction order), and at d = 64 two one-thread runs at once beat one two-thread run (1.6×)
     t.threads = 1
     d.strategy, d.inner_steps, d.timeout_s = strategy, z["H"], 600.0
+    if device == "cuda":  # one GPU: every replica's process on cuda:0; NCCL refuses two ranks on one device
+        t.device, d.backend = "cuda:0", "gloo"
+    else:
+        t.device = "cpu"
     if strategy == "diloco":
         d.replicas, d.outer_lr = M, outer_lr
     cfg.name = (f"ddp-lr{lr:.3g}" if strategy == "ddp" else f"m{M}-lr{lr:.3g}-o{outer_lr:g}") + f"-s{seed}"
@@ -80,7 +92,7 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     opts = opts or Options()
     # one-thread runs side by side (see diloco_config): at least two at once wherever there are two cores
     opts = dataclasses.replace(opts, parallel=max(opts.parallel, min(2, os.cpu_count() or 1)))
-    z = sizes(quick)
+    z = sizes(quick, opts.device)
     seeds = z["seeds"]
     # the inner lr around the paper's fit: full mode ½× and 2×; quick mode one point, DDP's own tuned lr (the
     # fit extrapolates far below its 35M floor, and at 100 outer steps M=1 lost 8.7% to DDP at the fit alone)
@@ -92,11 +104,12 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     def loss(cfgs: list[configmod.Config]) -> list[float]:
         return [r["val_loss"] for r in train_runs([(c, out / c.name) for c in cfgs], opts)]
 
-    base = diloco_config("ddp", 1, 0, quick, 3e-3)
+    base = diloco_config("ddp", 1, 0, quick, 3e-3, device=opts.device)
     base.model.vocab_size = base.data.vocab_size
     N = param_count(base)
     # DDP's lr; then, per M, the outer lr at the fitted inner lr, then the inner lr around it
-    ddp_sweep = dict(zip(DDP_LRS, loss([diloco_config("ddp", 1, 0, quick, lr) for lr in DDP_LRS])))
+    ddp_sweep = dict(zip(DDP_LRS, loss([diloco_config("ddp", 1, 0, quick, lr, device=opts.device)
+                                        for lr in DDP_LRS])))
     ddp_lr = min(ddp_sweep, key=ddp_sweep.get)
     sweep: dict[tuple[int, float, float], float] = {}
     best: dict[int, tuple[float, float]] = {}
@@ -105,13 +118,13 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
 
     def sweep_runs(points: list[tuple[int, float, float]], extra: tuple = ()) -> None:
         # every M's points in one call, side by side (one-process runs first, so they pair up on 2 cores)
-        cfgs = [*extra, *(diloco_config("diloco", M, 0, quick, lr, o) for M, lr, o in points)]
+        cfgs = [*extra, *(diloco_config("diloco", M, 0, quick, lr, o, device=opts.device) for M, lr, o in points)]
         for pt, v in zip(points, loss(cfgs)[len(extra):]):
             sweep[pt] = v
 
     # DDP's other seeds need only its lr: they run beside the first grid
     sweep_runs([(M, centre[M], o) for M in MS for o in grid[M]],
-               extra=tuple(diloco_config("ddp", 1, s, quick, ddp_lr) for s in seeds[1:]))
+               extra=tuple(diloco_config("ddp", 1, s, quick, ddp_lr, device=opts.device) for s in seeds[1:]))
     # as the paper does, extend each grid until its optimum is interior (the best outer lr falls with H)
     while edge := [M for M in MS if min(grid[M], key=lambda o: sweep[(M, centre[M], o)]) == min(grid[M]) > 0.05]:
         for M in edge:
@@ -121,8 +134,8 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     sweep_runs([(M, ddp_lr if f is None else centre[M] * f, o_best[M]) for M in MS for f in factors])
     for M in MS:
         best[M] = min(((lr, o) for (m, lr, o) in sweep if m == M), key=lambda k: sweep[(M, *k)])
-    cfgs = {"ddp": [diloco_config("ddp", 1, s, quick, ddp_lr) for s in seeds]}
-    cfgs |= {f"M={M}": [diloco_config("diloco", M, s, quick, *best[M]) for s in seeds] for M in MS}
+    cfgs = {"ddp": [diloco_config("ddp", 1, s, quick, ddp_lr, device=opts.device) for s in seeds]}
+    cfgs |= {f"M={M}": [diloco_config("diloco", M, s, quick, *best[M], device=opts.device) for s in seeds] for M in MS}
     flat = loss([c for v in cfgs.values() for c in v])  # one call: the seeds' runs go side by side
     final = {k: flat[i * len(seeds):(i + 1) * len(seeds)] for i, k in enumerate(cfgs)}
     runs = {k: [out / c.name for c in v] for k, v in cfgs.items()}

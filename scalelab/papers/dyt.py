@@ -39,21 +39,32 @@ DEFAULT_ALPHA = 1.0  # Table 12's entry for width 1024, held below it (the tiny 
 THRESHOLD = 0.02  # nats/token: the paper's LLaMA gaps are 0.00-0.01
 PROBE_STEP = 20
 PAPER_REGIME = {"params": "7B-70B", "tokens": "200B", "width": "4096-8192", "seeds": 1}
+# Full mode on one GPU (`--device cuda`): 8 layers at width 512 (25M parameters besides the 2M embedding), 2,000
+# steps of 64 × 256 tokens = 33M tokens per run, 3.7 epochs of the stdlib corpus's 9M training tokens (data, not
+# compute, bounds the size: a bigger model would see each token more often still). Not yet run on a GPU.
+GPU_SIZES = {"d_model": 512, "n_layer": 8, "n_head": 8, "n_kv_head": 4, "context": 256, "batch": 64, "steps": 2000}
 
 
 def dyt_config(norm: str, seed: int, quick: bool, lr: float = 3e-3, alpha: float | None = None,
-               schedule: str = "cosine", final_norm: str = "") -> configmod.Config:
-    """The tiny recipe at an equal token budget for every arm; only the norm, its knobs and the seed change."""
+               schedule: str = "cosine", final_norm: str = "", device: str = "cpu") -> configmod.Config:
+    """The tiny recipe at an equal token budget for every arm; only the norm, its knobs and the seed change.
+    device "cuda": the run trains on the GPU, and full mode takes `GPU_SIZES`."""
     cfg = configmod.load("tiny")
     cfg.name = arm_name(norm, lr, alpha, schedule, final_norm) + f"-s{seed}"
     m, t = cfg.model, cfg.train
     m.norm, m.final_norm = norm, final_norm
     if alpha is not None:
         m.dyt_alpha_attn = m.dyt_alpha_other = alpha
-    t.seed, t.lr, t.schedule = seed, lr, schedule
+    t.seed, t.lr, t.schedule, t.device = seed, lr, schedule, device
     t.max_steps = 100 if quick else 600
     t.warmup_steps = 10 if quick else 50
     t.eval_every = t.ckpt_every = 50 if quick else 200
+    if device == "cuda" and not quick:
+        z = GPU_SIZES
+        m.d_model, m.n_layer, m.n_head, m.n_kv_head, m.context = (z[k] for k in ("d_model", "n_layer", "n_head",
+                                                                               "n_kv_head", "context"))
+        t.batch_size, t.max_steps, t.warmup_steps = z["batch"], z["steps"], z["steps"] // 10
+        t.eval_every = t.ckpt_every = z["steps"] // 4
     t.eval_batches, t.probe_every = 16, 10
     configmod.validate(cfg)
     return cfg
@@ -86,7 +97,8 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     opts.tick(section="dyt", runs=len(NORMS) * (len(lrs) + len(seeds)) + len(ALPHAS) - 1 + 2 * len(change_seeds))
 
     def train(arms: list[tuple]) -> list[float]:
-        cfgs = [dyt_config(norm, seed, quick, lr, alpha, sched, final) for norm, lr, alpha, sched, final, seed in arms]
+        cfgs = [dyt_config(norm, seed, quick, lr, alpha, sched, final, opts.device)
+                for norm, lr, alpha, sched, final, seed in arms]
         return [r["val_loss"] for r in train_runs([(c, out / c.name) for c in cfgs], opts)]
 
     # 1. lr per norm, seed 0; 2. α0 for DyT at its best lr
@@ -105,7 +117,7 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
                "RMSNorm before the output head, DyT everywhere else": (*dyt_key, "cosine", "rmsnorm")}
     change_loss = {what: train([(*arm, s) for s in change_seeds]) for what, arm in changes.items()}
 
-    cfg0 = dyt_config("dyt", 0, quick)
+    cfg0 = dyt_config("dyt", 0, quick, device=opts.device)
     unigram = unigram_baseline(cfg0)
     untrained = {n: V.did_not_train(final[n], unigram) for n in NORMS}
     gaps = {ref: V.seed_ci(final["dyt"], final[ref]) for ref in ("rmsnorm", "layernorm")}

@@ -93,6 +93,9 @@ class Options:
     # Training runs at once. 1 (each with torch's threads) is the measured best for the tiny recipe on 2 cores:
     # two one-thread runs side by side took 0.33-0.48 s/step each against 0.16 s/step alone with two threads.
     parallel: int = 1
+    # cpu | cuda: with cuda every training run goes to one GPU and full mode takes each section's GPU sizes
+    # (dyt.GPU_SIZES, diloco.sizes, bd3lm.GPU_SIZES); quick mode keeps its sizes and only moves the runs
+    device: str = "cpu"
     progress: CardProgress | None = None
 
     def shared_dir(self) -> Path | None:

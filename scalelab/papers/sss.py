@@ -50,7 +50,7 @@ def run(out: Path, quick: bool, opts: Options | None = None) -> Section:
     parts, measured = [], []
     # 1. the self-verifying Sudoku model: reused when a full one is there, else trained here
     model_dir, sv, which = sudoku_choice(out, quick, opts)
-    run = sudoku_model.train_sudoku_model(model_dir, sv)
+    run = sudoku_model.train_sudoku_model(model_dir, sv, device=opts.device)
     cfg = SearchConfig(backend=str(run), task="sudoku:4", n_problems=50 if quick else 200, prompts="sudoku",
                        k_inf=16, k_verif=2, k_tie=2, temperature=1.0, max_tokens=24, verify_max_tokens=140,
                        score="prob", seeds=20)
@@ -150,7 +150,7 @@ def sudoku_choice(out: Path, quick: bool, opts: Options) -> tuple[Path, "sudoku_
     `scalelab search train-sudoku` or a full card put it; else the section's own (quick or full) model."""
     cands = [Path(opts.sss_model)] if opts.sss_model is not None else []
     if quick and opts.sss_model is None:
-        cands += [Path("runs/sss/sudoku-model"), out.parent / "sss" / "sudoku-model"]
+        cands += [Path("runs/sss/sudoku-model"), out.parent / "sss" / "sudoku-model", out.parent / "sss-cuda" / "sudoku-model"]
     for d in cands:
         state = d / "rounds.json"
         if state.is_file():

@@ -158,7 +158,8 @@ class SVConfig:
         return cls(solve_steps=500, rounds=1, round_steps=150, sample_puzzles=150, seed=seed)
 
 
-def trainer_config(sv: SVConfig, corpus: Path, cache: Path, max_steps: int, name: str) -> configmod.Config:
+def trainer_config(sv: SVConfig, corpus: Path, cache: Path, max_steps: int, name: str,
+                   device: str = "cpu") -> configmod.Config:
     cfg = configmod.Config(name=name)
     m, d, t = cfg.model, cfg.data, cfg.train
     m.d_model, m.n_layer, m.n_head, m.n_kv_head, m.context = sv.d_model, sv.n_layer, sv.n_head, sv.n_kv_head, sv.context
@@ -167,7 +168,7 @@ def trainer_config(sv: SVConfig, corpus: Path, cache: Path, max_steps: int, name
     t.batch_size, t.lr, t.max_steps, t.seed, t.threads = sv.batch_size, sv.lr, max_steps, sv.seed, sv.threads
     t.warmup_steps = min(50, max_steps // 10)
     t.eval_every = t.ckpt_every = max(10, min(100, max_steps // 4))
-    t.eval_batches, t.log_every, t.device = 4, 10, "cpu"
+    t.eval_batches, t.log_every, t.device = 4, 10, device
     configmod.validate(cfg)
     return cfg
 
@@ -222,8 +223,10 @@ def build_round_corpus(samples, fresh: list[tasks.Problem], n_lines: int, share:
     return lines, stats
 
 
-def train_sudoku_model(out: Path, sv: SVConfig, progress: bool = False) -> Path:
-    """Train (or finish training) the self-verifying Sudoku model into `out`; returns its run directory."""
+def train_sudoku_model(out: Path, sv: SVConfig, progress: bool = False, device: str = "cpu") -> Path:
+    """Train (or finish training) the self-verifying Sudoku model into `out`; returns its run directory.
+    `device` is where its training steps run (not part of the model's identity: a run may resume elsewhere);
+    the rounds' sampling goes through the lab's engine on the CPU."""
     from scalelab.train import train
 
     out = Path(out)
@@ -263,7 +266,7 @@ def train_sudoku_model(out: Path, sv: SVConfig, progress: bool = False) -> Path:
         stats = json.loads((out / f"stats-r{rnd}.json").read_text())
         corpus.write_text(round_corpus.read_text())
         log.info(f"Sudoku model round {rnd}: training to step {steps} ({stats.get('lines') or 'solving only'})")
-        summary = train(trainer_config(sv, corpus, cache, steps, f"sudoku-sv-s{sv.seed}"), run, resume=rnd > 0 or
+        summary = train(trainer_config(sv, corpus, cache, steps, f"sudoku-sv-s{sv.seed}", device), run, resume=rnd > 0 or
                         (run / "config.toml").is_file(), progress=progress)
         stats["val_loss"] = summary["val_loss"]
         stats["train_seconds"] = summary["elapsed"]
