@@ -729,7 +729,9 @@ class Lab:
     def reproduce_start(self, papers: Annotated[list[str] | None, Field(description="dyt, horizon, diloco, bd3lm, "
                                                                         "sss (default: all)")] = None,
                         quick: Annotated[bool, Field(description="a few minutes per paper on 2 cores")] = True,
-                        name: Annotated[str | None, Field(description="run name (default reproduce-<time>)")] = None
+                        name: Annotated[str | None, Field(description="run name (default reproduce-<time>)")] = None,
+                        device: Annotated[Literal["cpu", "cuda"], Field(
+                            description="cuda: every run on one GPU, full mode at the sections' GPU sizes")] = "cpu",
                         ) -> JobInfo:
         """Start paper reproductions as a background job: each section's claim, measurement and verdict in one
         report card (report.md); finished runs inside it are reused."""
@@ -739,8 +741,13 @@ class Lab:
         unknown = [p for p in papers if p not in PAPERS]
         if unknown:
             raise ScalelabError(f"unknown paper {unknown[0]!r} (choose from {', '.join(PAPERS)})")
+        if device == "cuda":  # refused here, before a job directory exists, rather than in the job's log
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ScalelabError("device cuda, but this torch sees no CUDA device")
         d = self._new_run(name, "reproduce")
-        args = ["reproduce", *papers, *(["--quick"] if quick else []), "--out", str(d)]
+        args = ["reproduce", *papers, *(["--quick"] if quick else []), "--device", device, "--out", str(d)]
         return self._start(d.name, "reproduce", args, d)
 
     def sweep_start(self, sizes: Annotated[list[int], Field(min_length=1, max_length=LIMITS["sweep_points"],

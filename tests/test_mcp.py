@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("mcp")
 
@@ -226,6 +227,9 @@ def test_traversal_refused_and_server_keeps_serving(stdio, lab_dirs, trained):
     stdio.refused("sweep_start", "outside the allowed roots", name="bad", overrides=['data.corpus="/"'])
     stdio.refused("search_start", "outside the allowed roots", name="bad", tasks="/etc/x.jsonl")
     stdio.refused("search_start", "loopback", name="bad", backend="openai:http://example.com/v1#m")
+    stdio.refused("reproduce_start", "cpu", name="bad", papers=["dyt"], device="tpu")
+    if not torch.cuda.is_available():
+        stdio.refused("reproduce_start", "no CUDA device", name="bad", papers=["dyt"], device="cuda")
     assert not (runs / "bad").exists()
     # resources: the SDK's template checks and ours
     for uri in ("scalelab://runs/..%2F..%2Fetc/config", "scalelab://runs/t1/images/..%2F..%2Foutside%2Fx.png",
