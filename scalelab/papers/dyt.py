@@ -230,8 +230,8 @@ Each norm at its best configuration, every seed:
 
 - DyT − RMSNorm: {g.mean:+.4f} nats/token (95% CI {g.lo:+.4f} to {g.hi:+.4f}, {g.n} paired seeds); DyT − LayerNorm: \
 {gaps['layernorm'].mean:+.4f} (95% CI {gaps['layernorm'].lo:+.4f} to {gaps['layernorm'].hi:+.4f}). Claim threshold: \
-{THRESHOLD} nats/token; the paper's LLaMA gaps are 0.00-0.01 at 7B-70B on 200B tokens. Step times are measured with two \
-run at a time on this machine; `benchmarks/dyt_speed.py` measures speed properly (interleaved, repeated).
+{THRESHOLD} nats/token; the paper's LLaMA gaps are 0.00-0.01 at 7B-70B on 200B tokens. Step times are each run's own, \
+measured one after another, not interleaved: `benchmarks/dyt_speed.py` measures speed properly (interleaved, repeated).
 
 What the norms see at step {PROBE_STEP} (seed 0, first validation batch; `probes.jsonl` in each run has every 10th step): \
 the RMS of the residual stream entering the final norm, the largest input RMS of any norm, and the share of DyT \
