@@ -735,17 +735,13 @@ class Lab:
                         ) -> JobInfo:
         """Start paper reproductions as a background job: each section's claim, measurement and verdict in one
         report card (report.md); finished runs inside it are reused."""
-        from scalelab.papers import PAPERS
+        from scalelab.papers import PAPERS, check_device
 
         papers = papers or []
         unknown = [p for p in papers if p not in PAPERS]
         if unknown:
             raise ScalelabError(f"unknown paper {unknown[0]!r} (choose from {', '.join(PAPERS)})")
-        if device == "cuda":  # refused here, before a job directory exists, rather than in the job's log
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ScalelabError("device cuda, but this torch sees no CUDA device")
+        check_device(device)  # refused here, before a job directory exists, rather than in the job's log
         d = self._new_run(name, "reproduce")
         args = ["reproduce", *papers, *(["--quick"] if quick else []), "--device", device, "--out", str(d)]
         return self._start(d.name, "reproduce", args, d)

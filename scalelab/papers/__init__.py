@@ -36,19 +36,13 @@ def reproduce(papers: list[str], out: Path, quick: bool = False, opts: Options |
     if unknown:
         raise ScalelabError(f"unknown paper {unknown[0]!r} (choose from {', '.join(PAPERS)})")
     opts = opts or Options()
-    if opts.device not in ("cpu", "cuda"):
-        raise ScalelabError(f"--device must be cpu or cuda, got {opts.device!r}")
-    if opts.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ScalelabError("--device cuda, but this torch sees no CUDA device (install a CUDA build of torch)")
+    check_device(opts.device)
     out = make_dir(Path(out))
     sections = []
+    suffix = ("-quick" if quick else "") + ("-cuda" if opts.device == "cuda" else "")
     with CardProgress(enabled=progress) as bar:
         opts.progress = bar
         for p in papers:
-            suffix = ("-quick" if quick else "") + ("-cuda" if opts.device == "cuda" else "")
             sub = make_dir(out / (p + suffix if p != "horizon" else p))
             bar.section(p, 1)
             s = importlib.import_module(PAPERS[p]).run(sub, quick, opts)
@@ -57,6 +51,17 @@ def reproduce(papers: list[str], out: Path, quick: bool = False, opts: Options |
             sections.append(s)
     write_verdicts(out / "verdicts.json", [v for s in sections for v in s.verdicts()])
     return write_card(out / "report.md", sections, papers, quick, opts.device)
+
+
+def check_device(device: str) -> None:
+    """A card's --device: cpu, or cuda where this torch sees a GPU; else one clear error, before any work."""
+    if device not in ("cpu", "cuda"):
+        raise ScalelabError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ScalelabError("--device cuda, but this torch sees no CUDA device (install a CUDA build of torch)")
 
 
 def _regime(d: dict) -> str:
@@ -69,8 +74,8 @@ def write_card(path: Path, sections: list[Section], papers: list[str], quick: bo
              f"{' --quick' if quick else ''}{' --device cuda' if device == 'cuda' else ''}`). Each section states "
              "the paper's claim, the threshold it is judged by (fixed before measuring), the regime it tests "
              "beside the paper's, what this run measured, and a verdict: holds, does not hold, inconclusive (the "
-             "interval straddles the threshold), or did not "
-             "train (an arm never left the unigram baseline: no gap is computed from it). Machine-readable: "
+             "interval straddles the threshold), or did not train (an arm never left the unigram baseline: no gap "
+             "is computed from it). Machine-readable: "
              "[verdicts.json](verdicts.json).", "",
              "| paper | claim | threshold | measured | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {s.key} | {s.claim} | {s.threshold} | {s.measured} | **{s.verdict}** |" for s in sections]

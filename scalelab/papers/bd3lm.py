@@ -49,18 +49,18 @@ def bd3_config(name: str, block: int, quick: bool, steps: int | None = None, dev
     cfg.name = name
     cfg.train.device = device
     gpu = device == "cuda" and not quick
-    if gpu:
-        z = GPU_SIZES
-        cfg.model.context, cfg.model.d_model, cfg.model.n_layer, cfg.model.n_head = (
-            z["context"], z["d_model"], z["n_layer"], z["n_head"])
-        cfg.train.batch_size = z["batch"]
     if quick:
         # a 1,024-token vocabulary: at d = 64 the 4,096-row head was most of a step, and at 240 steps with it
         # L′=16 and MDLM ended at the unigram level (6.42 / 6.52 against 6.47: did not train); at 1,024 and
         # 480 steps (about 1.5× the time) MDLM ends 0.19 nats below its unigram level
         cfg.model.context, cfg.model.d_model, cfg.model.n_layer = 64, 64, 2
         cfg.data.vocab_size = 1024
-    elif not gpu:
+    elif gpu:
+        z = GPU_SIZES
+        cfg.model.context, cfg.model.d_model, cfg.model.n_layer, cfg.model.n_head = (
+            z["context"], z["d_model"], z["n_layer"], z["n_head"])
+        cfg.train.batch_size = z["batch"]
+    else:
         # full mode on a CPU: 1,024 tokens too (at d = 128 the 4,096-row head is 40% of a token's FLOPs) and 1,000
         # steps. Measured at the recipe's 4,096 and 1,500 steps on a 2-core EPYC: 0.29 s an AR/MDLM step, 0.51 s
         # a BD3 step (its 2L pass): from those, ~2.6 h for the section's 14 runs, over the whole card's 3-hour budget
@@ -183,7 +183,6 @@ SEEDS_QUICK, SEEDS_FULL = (0, 1), (0, 1, 2)  # offsets from the recipe's seed
 def run_bd3lm(out: Path, quick: bool, device: str = "cpu") -> dict:
     """Train (or resume) every run, measure, plot; return the numbers and the Markdown body. device "cuda":
     training, evaluation and sampling on the GPU."""
-    dev = "cuda" if device == "cuda" else "cpu"
     from scalelab import tokenizer as tokmod
     from scalelab.train import train
 
@@ -217,7 +216,7 @@ def run_bd3lm(out: Path, quick: bool, device: str = "cpu") -> dict:
     ref = bd3_config("ar", 0, quick, device=device)
     reps = 3 if quick else 6
     val = _val_batches(ref, ref.train.eval_batches * 2)
-    _, ar = _load(out / "ar", dev)
+    _, ar = _load(out / "ar", device)
     res: dict = {"ar": {"nll": bd.ar_nll(ar, val), "se": 0.0}}
 
     def nelbos(m: Transformer, block: int) -> list[float]:  # one per noise draw, on the same windows
@@ -227,7 +226,7 @@ def run_bd3lm(out: Path, quick: bool, device: str = "cpu") -> dict:
     for name, block, _ in plan[1:]:
         if name == "ft-pretrain-mdlm":
             continue
-        cfg, m = _load(out / name, dev)
+        cfg, m = _load(out / name, device)
         vals = nelbos(m, block)
         res[name] = {"nll": statistics.fmean(vals), "se": statistics.stdev(vals) / math.sqrt(reps), "block": block}
         state = json.loads((sorted((out / name / "checkpoints").glob("step_*"))[-1] / "state.json").read_text())
@@ -236,7 +235,7 @@ def run_bd3lm(out: Path, quick: bool, device: str = "cpu") -> dict:
     seed_nll = {name: [res[name]["nll"]] for name in order}  # per seed, seed 0 first
     for s in seeds[1:]:
         for name in order:
-            m = _load(out / f"{name}-s{s}", dev)[1]
+            m = _load(out / f"{name}-s{s}", device)[1]
             seed_nll[name].append(bd.ar_nll(m, val) if name == "ar" else statistics.fmean(nelbos(m, blocks_of[name])))
 
     tok = tokmod.load(out / "ar" / "tokenizer.json")
@@ -247,15 +246,15 @@ def run_bd3lm(out: Path, quick: bool, device: str = "cpu") -> dict:
     for name, block, _ in plan:
         if name == "ft-pretrain-mdlm":
             continue
-        m = ar if name == "ar" else _load(out / name, dev)[1]
+        m = ar if name == "ar" else _load(out / name, device)[1]
         rows = sample_rows(m, block, n_samples, length, 0, 0, eot)
         gen[name] = bd.generative_ppl(ar, _truncate(rows, eot), eot)
     write_text(out / "samples.txt", "\n\n".join(
-        f"--- {name} ---\n" + tok.decode(_truncate(sample_rows(ar if name == "ar" else _load(out / name, dev)[1],
+        f"--- {name} ---\n" + tok.decode(_truncate(sample_rows(ar if name == "ar" else _load(out / name, device)[1],
                                                                block, 1, length, 0, 0, eot), eot)[0][1:])
         for name, block, _ in plan if name != "ft-pretrain-mdlm"))
 
-    _, l16 = _load(out / "l16", dev)
+    _, l16 = _load(out / "l16", device)
     frontier = sampling_frontier(ar, l16, 16, (1, n_samples), 4 * ctx if not quick else 2 * ctx,
                                  3 if quick else 5, eot, ar)
     ppl = {k: math.exp(v["nll"]) for k, v in res.items()}

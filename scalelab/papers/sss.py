@@ -150,7 +150,7 @@ def sudoku_choice(out: Path, quick: bool, opts: Options) -> tuple[Path, "sudoku_
     `scalelab search train-sudoku` or a full card put it; else the section's own (quick or full) model."""
     cands = [Path(opts.sss_model)] if opts.sss_model is not None else []
     if quick and opts.sss_model is None:
-        cands += [Path("runs/sss/sudoku-model"), out.parent / "sss" / "sudoku-model", out.parent / "sss-cuda" / "sudoku-model"]
+        cands += [Path("runs/sss/sudoku-model"), *(out.parent / d / "sudoku-model" for d in ("sss", "sss-cuda"))]
     for d in cands:
         state = d / "rounds.json"
         if state.is_file():
