@@ -90,6 +90,26 @@ def test_voting_and_expected_pick():
     assert search.auroc([0.9, 0.8, 0.1], [True, True, False]) == 1.0
 
 
+def test_auroc_equals_the_pairwise_count_and_its_interval_excludes_chance_only_for_a_real_verifier():
+    from scalelab.search.select import auroc_bootstrap
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the rank identity against the brute-force pairwise count, ties (rounded scores) included
+        y = rng.random(60) < 0.4
+        s = np.round(rng.random(60) + 0.3 * y, 1)
+        pos, neg = s[y][:, None], s[~y][None, :]
+        brute = float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+        assert search.auroc(list(s), list(y)) == pytest.approx(brute, abs=1e-12)
+    assert np.isnan(search.auroc([0.2, 0.3], [True, True]))
+    # 40 problems × 8 samples: scores that carry the label exclude 0.5; coin-flip scores straddle it
+    labels = [list(rng.random(8) < 0.5) for _ in range(40)]
+    good = [[float(y) + rng.normal(0, 0.7) for y in ys] for ys in labels]
+    noise = [[float(rng.random()) for _ in ys] for ys in labels]
+    a, lo, hi = auroc_bootstrap(good, labels, reps=300)
+    assert lo > 0.5 and lo < a < hi
+    a, lo, hi = auroc_bootstrap(noise, labels, reps=300)
+    assert lo < 0.5 < hi
+
+
 # ------------------------------------------------------------------------------------------- runs
 class Scripted:
     """A test double: solves a Sudoku correctly with probability 0.4 (else swaps two cells), verifies with

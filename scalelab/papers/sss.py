@@ -25,6 +25,7 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
     v, c, p = acc[f"Verification@{K}"], acc[f"Consistency@{K}"], acc[f"Pass@{K}"]
     vnt = acc[f"Verification@{K} (no tie-break)"]
     cond = [x for x in cv["verification_given_pass"] if x == x]
+    lo, hi = m.get("verifier_auroc_ci95") or (float("nan"), float("nan"))
     return [
         (f"Verification@{K} beats Consistency@{K} (Table 1)", g["ci95"][0] > 0,
          f"{_pct(v)} vs {_pct(c)}, gap {100 * g['mean']:+.1f} (95% CI {100 * g['ci95'][0]:+.1f} to {100 * g['ci95'][1]:+.1f})"),
@@ -35,8 +36,8 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
         ("implicit scaling: verification's pick improves with k on sets that hold a correct answer (§2.2)",
          len(cond) > 1 and cond[-1] > cond[0] + 0.005,
          " → ".join(f"{x:.3f}" for x in cond) + f" (k = {', '.join(map(str, cv['k']))})"),
-        ("the verifier separates right from wrong samples", m["verifier_auroc"] > 0.5,
-         f"AUROC {m['verifier_auroc']:.3f}"),
+        ("the verifier separates right from wrong samples (AUROC > 0.5, whole 95% CI)", lo > 0.5,
+         f"AUROC {m['verifier_auroc']:.3f} (95% CI {lo:.3f} to {hi:.3f})"),
     ]
 
 

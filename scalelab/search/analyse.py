@@ -15,7 +15,7 @@ from scalelab.backends import price_name
 from scalelab.report import write_json
 from scalelab.search import cost as costmod
 from scalelab.search.run import ProblemRecord, Transcripts, replay
-from scalelab.search.select import auroc, expected_pick_accuracy, paired_bootstrap, vote_accuracy
+from scalelab.search.select import auroc_bootstrap, expected_pick_accuracy, paired_bootstrap, vote_accuracy
 
 def usage_by_phase(tr: Transcripts) -> dict[str, dict[str, int]]:
     out = {ph: {"calls": 0, "prompt": 0, "cached": 0, "completion": 0, "naive_prompt": 0} for ph in costmod.PHASES}
@@ -95,8 +95,8 @@ def analyse(run_dir: Path, trigger: str | None = None) -> dict:
     ks = sorted({1, 2, 4, 8, 16, 32, 64, 128, 200, K} & set(range(1, K + 1)))
     kvs = sorted({1, 2, 4, 8, 16, 32, 50, cfg.k_verif} & set(range(1, cfg.k_verif + 1)))
     cv = curves(recs, ks, cfg.seeds, cfg.seed, kvs if cfg.verifier != "checker" else None)
-    flat_s = [s for r in recs for i, s in enumerate(r.scores()) if not r.dropped[i]]
-    flat_y = [c for r in recs for i, c in enumerate(r.correct) if not r.dropped[i]]
+    au = auroc_bootstrap([[s for i, s in enumerate(r.scores()) if not r.dropped[i]] for r in recs],
+                         [[c for i, c in enumerate(r.correct) if not r.dropped[i]] for r in recs])
     usage = usage_by_phase(tr)
     prices = costmod.load_prices(cfg.prices_file or None)
     gen_price = cfg.price or price_name(cfg.backend)
@@ -126,7 +126,8 @@ def analyse(run_dir: Path, trigger: str | None = None) -> dict:
         "gap_verification_minus_consistency": {"mean": gap[0], "ci95": [gap[1], gap[2]]},
         "gap_no_tiebreak": {"mean": gap_nt[0], "ci95": [gap_nt[1], gap_nt[2]]},
         "tiebreaks_played": tie_played,
-        "verifier_auroc": auroc(flat_s, flat_y),
+        "verifier_auroc": au[0],
+        "verifier_auroc_ci95": [au[1], au[2]],  # a bootstrap over problems
         "ambiguous_questions": len(amb),
         "curves": cv, "usage": usage, "dollars": dollars, "price": {"generate": gen_price, "verify": ver_price},
         "per_problem": per,

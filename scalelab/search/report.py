@@ -24,6 +24,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _ci(m: dict) -> str:
+    lo, hi = m.get("verifier_auroc_ci95") or (float("nan"), float("nan"))
+    return f"{lo:.3f} to {hi:.3f}"
+
+
 def plots(m: dict, run_dir: Path) -> list[str]:
     cv, cfg = m["curves"], m["config"]
     ks = cv["k"]
@@ -139,7 +144,7 @@ Prompts: `{cfg['prompts']}`. All numbers below come from `transcripts.jsonl` (`s
 {100 * g['ci95'][1]:+.1f}, paired bootstrap over problems); without tie-break {100 * gn['mean']:+.1f} \
 ({100 * gn['ci95'][0]:+.1f} to {100 * gn['ci95'][1]:+.1f}).
 - Tie-breaks played on {m['tiebreaks_played']} of {n} problems. Verifier AUROC on the run's own samples: \
-{m['verifier_auroc']:.3f}.
+{m['verifier_auroc']:.3f} (95% CI {_ci(m)}, bootstrap over problems).
 - Answers that could not be extracted: {m['unextracted']} of {m['samples']} samples (scored as wrong); \
 verdicts that could not be parsed: {m['unparsed_verdicts']} (scored 0); dropped by preliminary scoring: \
 {m['dropped_by_prelim']}.

@@ -126,12 +126,42 @@ def pass_at_k_unbiased(n: int, c: int, k: int) -> float:
 
 def auroc(scores: list[float], labels: list[bool]) -> float:
     """Probability a correct sample outscores a wrong one (ties count half). NaN without both classes."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
+    return _auroc_ranked(np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool))
+
+
+def _auroc_ranked(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC by the Mann-Whitney identity: (sum of the correct samples' midranks − n₊(n₊+1)/2) / (n₊·n₋)."""
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
         return float("nan")
-    a, b = np.array(pos)[:, None], np.array(neg)[None, :]
-    return float((a > b).mean() + 0.5 * (a == b).mean())
+    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mid = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]  # 1-based midranks, ties share their mean rank
+    return float((mid[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auroc_bootstrap(scores: list[list[float]], labels: list[list[bool]], reps: int = 1000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """AUROC over every sample and its 95% percentile interval, resampling problems (a problem's samples share
+    its difficulty, so they are not independent). `scores[i]`/`labels[i]` are problem i's samples."""
+    lens = np.array([len(s) for s in scores])
+    flat_s = np.array([x for s in scores for x in s], dtype=float)
+    flat_y = np.array([y for ys in labels for y in ys], dtype=bool)
+    point = _auroc_ranked(flat_s, flat_y)
+    if len(scores) < 2 or point != point:
+        return point, float("nan"), float("nan")
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(reps):
+        pick = rng.integers(0, len(scores), size=len(scores))
+        idx = np.concatenate([np.arange(starts[i], starts[i] + lens[i]) for i in pick])
+        a = _auroc_ranked(flat_s[idx], flat_y[idx])
+        if a == a:
+            boots.append(a)
+    if not boots:
+        return point, float("nan"), float("nan")
+    return point, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
